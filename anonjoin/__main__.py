@@ -1,0 +1,5 @@
+import sys
+
+from anonjoin._cli import main
+
+sys.exit(main())
