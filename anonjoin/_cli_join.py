@@ -1,0 +1,496 @@
+"""``anonjoin join``: join one guest to a meeting of any deployment, or of the embedded simulator.
+
+With no target at all (no target flag, no ``ANONJOIN_*`` target variable, no target in the config file) it
+starts the embedded simulator and joins its default meeting. Otherwise the target comes from flags over
+the environment over ``--config FILE`` (see :mod:`anonjoin._settings`); the client secret from
+``--client-secret``, ``ANONJOIN_CLIENT_SECRET`` or the config file.
+
+It prints each step as the client's hooks report it (or, with ``--json``, exactly one JSON object at the
+end), holds the guest in the meeting for ``--hold`` seconds, leaves, and exits 0 when the guest joined and
+stayed for the whole hold; 1 with a one-line reason when it did not; 2 for a bad flag or setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from anonjoin._auth import ClientSecretCredential
+from anonjoin._exceptions import (
+    AnonJoinError,
+    AuthError,
+    ConfigurationError,
+    JoinFailed,
+    redact,
+    redact_url,
+)
+from anonjoin._settings import InsecureTLSWarning, TargetSettings
+
+__all__ = ["add_target_arguments", "register", "run", "settings_from_args"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+REQUIRED_FOR_TARGET = (
+    "discover_url",
+    "authority",
+    "client_id",
+    "client_secret",
+    "endpoint_id",
+    "meeting_url",
+    "origin",
+)
+# Settings that, given alone, do not name a deployment (so the embedded simulator is still used).
+_NOT_A_TARGET = {"client_secret"}
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "join",
+        help="join one guest to a meeting (the embedded simulator when no target is given)",
+        description=(
+            "Join one anonymous guest end to end and report each step. With no target flags, "
+            "environment or config file target, the embedded simulator is started and joined. "
+            "Settings: flags override ANONJOIN_* environment variables, which override --config FILE."
+        ),
+    )
+    add_target_arguments(parser)
+    parser.add_argument(
+        "--hold",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=0.0,
+        help="stay in the meeting this long before leaving (default 0)",
+    )
+    parser.add_argument(
+        "--lobby-timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=None,
+        help="give up waiting in the lobby after this long",
+    )
+    parser.add_argument(
+        "--attempts",
+        metavar="N",
+        type=_attempts,
+        default=None,
+        help="attempts per step, the first included (default: the client's RetryPolicy)",
+    )
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object (nothing else)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
+    parser.set_defaults(run=run)
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """The target and credential flags, shared by the sub-commands that talk to a deployment.
+
+    Read them back with :func:`settings_from_args` (flags over ``ANONJOIN_*`` over ``--config FILE``).
+    """
+    target = parser.add_argument_group("target (all or none)")
+    target.add_argument("--discover-url", metavar="URL", help="the Trusted Application API discover URL")
+    target.add_argument("--authority", metavar="URL", help="Azure AD authority, https://host/<tenant>")
+    target.add_argument(
+        "--tenant",
+        help="tenant, when --authority has no tenant path (default: the domain of --endpoint-id)",
+    )
+    target.add_argument("--client-id", metavar="ID", help="the service application's Azure AD app id")
+    target.add_argument(
+        "--client-secret",
+        metavar="SECRET",
+        help="the app's client secret (prefer ANONJOIN_CLIENT_SECRET: flags show up in process lists)",
+    )
+    target.add_argument("--endpoint-id", metavar="SIP_URI", help="application endpoint, sip:app@domain")
+    target.add_argument("--meeting-url", metavar="URL", help="the meeting's HTTP join URL")
+    target.add_argument("--origin", metavar="ORIGIN", help="the origin the guest presents, https://host")
+    target.add_argument("--scope", help="Azure AD scope (default https://api.skypeforbusiness.com/.default)")
+    parser.add_argument("--display-name", metavar="NAME", help="the guest's display name")
+    parser.add_argument("--ca-file", metavar="PEM", help="CA bundle to trust for the target (and Azure AD)")
+    parser.add_argument(
+        "--insecure", action="store_true", default=None, help="do not verify TLS certificates (test only)"
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with the settings above")
+
+
+def settings_from_args(ns: argparse.Namespace) -> TargetSettings:
+    """The TargetSettings for flags added by :func:`add_target_arguments` (absent flags are ``None``)."""
+    return TargetSettings.load(
+        config_file=ns.config,
+        discover_url=ns.discover_url,
+        authority=ns.authority,
+        tenant=ns.tenant,
+        client_id=ns.client_id,
+        client_secret=ns.client_secret,
+        endpoint_id=ns.endpoint_id,
+        meeting_url=ns.meeting_url,
+        origin=ns.origin,
+        scope=ns.scope,
+        display_name=ns.display_name,
+        ca_file=ns.ca_file,
+        insecure=ns.insecure,
+    )
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def _attempts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+# ---- the report -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Report:
+    """What happened, gathered from the hooks; printed as lines as it happens, or once as JSON."""
+
+    out: TextIO
+    as_json: bool
+    target: str = ""
+    outcome: str = "error"
+    reason: str | None = None
+    guest_id: str | None = None
+    application_session_id: str | None = None
+    conference_id: str | None = None
+    join_ms: float | None = None
+    held_s: float | None = None
+    rejoins: int = 0
+    steps_ms: dict[str, float] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    leaving: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self, text: str) -> None:
+        if not self.as_json:
+            print(text, file=self.out, flush=True)
+
+    def on_step(self, event: Any) -> None:
+        if event.phase != "end" or (self.leaving and event.step == "events"):
+            return  # the parked poll ends with a 404 once the guest has left: not news
+        step = str(event.step)
+        if event.duration_s is not None:
+            self.steps_ms[step] = self.steps_ms.get(step, 0.0) + event.duration_s * 1000.0
+        self.attempts[step] = self.attempts.get(step, 0) + 1
+        status = "-" if event.status is None else str(event.status)
+        duration = "" if event.duration_s is None else f"{event.duration_s * 1000.0:9.1f} ms"
+        tail = ""
+        if event.outcome == "retry":
+            self.retries += 1
+            tail = f"  retry ({event.retry_reason})" if event.retry_reason else "  retry"
+        elif event.outcome == "error":
+            tail = "  error" + (f" ({event.retry_reason})" if event.retry_reason else "")
+        attempt = f" #{event.attempt}" if event.attempt and event.attempt > 1 else ""
+        self.line(f"  {step + attempt:<22} {status:>4} {duration}{tail}")
+
+    def on_guest(self, event: Any) -> None:
+        kind = str(event.kind)
+        if kind == "rejoined":
+            self.rejoins += 1
+        if kind in {"joined", "left"}:
+            return  # printed by the main flow with more detail
+        reason = f" ({event.reason})" if event.reason else ""
+        self.line(f"  guest {kind}{reason}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "target": self.target,
+            "guest_id": self.guest_id,
+            "application_session_id": self.application_session_id,
+            "conference_id": self.conference_id,
+            "join_ms": None if self.join_ms is None else round(self.join_ms, 1),
+            "steps_ms": {k: round(v, 1) for k, v in self.steps_ms.items()},
+            "attempts": dict(self.attempts),
+            "retries": self.retries,
+            "rejoins": self.rejoins,
+            "held_s": None if self.held_s is None else round(self.held_s, 3),
+            "total_ms": round((time.monotonic() - self.started) * 1000.0, 1),
+        }
+
+    def finish(self) -> None:
+        if self.as_json:
+            print(json.dumps(self.as_dict(), sort_keys=True), file=self.out, flush=True)
+
+
+# ---- running ----------------------------------------------------------------------------------------
+
+
+def run(ns: argparse.Namespace) -> int:
+    """The ``join`` sub-command. Every failure is one line (or the JSON object), never a traceback."""
+    report = _Report(out=sys.stdout, as_json=bool(ns.json))
+    log = logging.getLogger("anonjoin")
+    level = log.level
+    # Without -v nothing is logged: the outcome is the one line below (and Python's last-resort handler
+    # would otherwise print warnings such as anonjoin.auth.failed a second time).
+    handler = _log_to_stderr() if ns.verbose else logging.NullHandler()
+    if not ns.verbose:
+        log.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            _one_line_warnings()
+            code = asyncio.run(_main_until_signalled(ns, report))
+    except KeyboardInterrupt:
+        report.outcome, report.reason = "interrupted", "interrupted"
+        _error_line("interrupted: the guest left")
+        code = EXIT_INTERRUPTED
+    except ConfigurationError as exc:
+        report.outcome, report.reason = "error", f"ConfigurationError: {exc}"
+        _error_line(f"error: {exc}")
+        code = EXIT_USAGE
+    except AnonJoinError as exc:
+        report.outcome, report.reason = "failed", f"{type(exc).__name__}: {exc}"
+        _error_line(report.reason)
+        code = EXIT_FAILED
+    except Exception as exc:  # a bug: still one line, with the type, never a traceback
+        logging.getLogger("anonjoin.cli").debug("anonjoin.cli.crash", exc_info=True)
+        report.outcome = "error"
+        report.reason = f"internal error: {type(exc).__name__}: {redact(str(exc))[:200]}"
+        _error_line(report.reason)
+        code = EXIT_FAILED
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    report.finish()
+    return code
+
+
+def _one_line_warnings() -> None:
+    """Inside ``catch_warnings``: the insecure-TLS warning once, as one line; urllib3's per-request
+    ``InsecureRequestWarning`` (msal's requests to Azure AD) silenced, since that one line says it all."""
+    warnings.simplefilter("default", InsecureTLSWarning)
+    warnings.filterwarnings("ignore", message="Unverified HTTPS request")  # urllib3's, without importing it
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        _error_line(f"warning: {message}")
+
+    warnings.showwarning = show
+
+
+def _error_line(text: str) -> None:
+    print(f"anonjoin join: {' '.join(text.split())}", file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    log = logging.getLogger("anonjoin")
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.DEBUG:
+        log.setLevel(logging.DEBUG)
+    return handler
+
+
+async def _main_until_signalled(ns: argparse.Namespace, report: _Report) -> int:
+    """SIGTERM cancels the join like Ctrl-C does: the guest leaves and the report is still printed."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    installed = False
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        pass
+    try:
+        return await _main(ns, report)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        report.outcome, report.reason = "interrupted", "terminated (SIGTERM)"
+        _error_line("terminated (SIGTERM): the guest left")
+        return EXIT_TERMINATED
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _main(ns: argparse.Namespace, report: _Report) -> int:
+    settings = settings_from_args(ns)
+    targets = [name for name in settings.given_target_fields() if name not in _NOT_A_TARGET]
+    if not targets:
+        async with _embedded_simulator(settings, report) as simulated:
+            return await _join(ns, simulated, report)
+    settings.require(*REQUIRED_FOR_TARGET)
+    report.target = redact_url(settings.discover_url)
+    report.line(f"anonjoin join: target {report.target}")
+    return await _join(ns, settings, report)
+
+
+@contextlib.asynccontextmanager
+async def _embedded_simulator(settings: TargetSettings, report: _Report) -> AsyncIterator[TargetSettings]:
+    from anonjoin.simulator import Simulator, SimulatorConfig
+
+    async with Simulator(SimulatorConfig()) as sim:
+        info = sim.info
+        report.target = "embedded simulator"
+        report.line(f"anonjoin join: no target given: started the embedded simulator at {info.discover_url}")
+        yield TargetSettings.load(
+            use_env=False,
+            discover_url=info.discover_url,
+            authority=info.authority,
+            tenant=info.tenant,
+            client_id=info.client_id,
+            client_secret=info.client_secret,
+            endpoint_id=info.endpoint_id,
+            meeting_url=info.meeting_url,
+            origin=info.origin,
+            scope=info.scope,
+            ca_file=info.ca_file,
+            display_name=settings.display_name,
+        )
+
+
+async def _join(ns: argparse.Namespace, settings: TargetSettings, report: _Report) -> int:
+    from anonjoin._client import Client
+    from anonjoin._events import Hooks
+    from anonjoin._retry import RetryPolicy
+
+    assert settings.discover_url and settings.endpoint_id and settings.meeting_url and settings.origin
+    credential = settings.credential()
+    try:
+        await _first_token(credential, report)
+        async with Client(
+            discover_url=settings.discover_url,
+            endpoint_id=settings.endpoint_id,
+            credential=credential,
+            ca_file=settings.ca_file,
+            verify_tls=settings.verify_tls(),
+            hooks=Hooks(on_step=report.on_step, on_guest=report.on_guest),
+            retry=RetryPolicy(attempts=ns.attempts) if ns.attempts else None,
+        ) as client:
+            guest = client.guest(
+                meeting_url=settings.meeting_url,
+                origin=settings.origin,
+                display_name=settings.display_name,
+                lobby_timeout_s=ns.lobby_timeout,
+            )
+            report.guest_id = guest.guest_id
+            report.application_session_id = guest.application_session_id
+            started = time.monotonic()
+            try:
+                result = await guest.join()
+            except JoinFailed as exc:
+                report.outcome, report.reason = "failed", exc.reason
+                report.join_ms = (time.monotonic() - started) * 1000.0
+                report.line(f"not joined: {exc}")
+                _error_line(f"not joined: {exc}")
+                return EXIT_FAILED
+            except AnonJoinError as exc:
+                report.outcome, report.reason = "failed", f"{type(exc).__name__}: {exc}"
+                report.join_ms = (time.monotonic() - started) * 1000.0
+                report.line(f"not joined: {report.reason}")
+                _error_line(f"not joined: {report.reason}")
+                return EXIT_FAILED
+            report.join_ms = result.duration_s * 1000.0
+            report.conference_id = result.conference_id
+            report.outcome = "joined"
+            report.line(
+                f"joined: guest {guest.guest_id} (application session {guest.application_session_id}) "
+                f"conference {result.conference_id} in {report.join_ms:.0f} ms"
+            )
+            code = await _hold(ns.hold, guest, report)
+            report.leaving = True
+            await guest.leave()
+            if code == EXIT_OK:
+                report.line(f"left after holding {report.held_s or 0.0:.1f} s ({report.rejoins} rejoins)")
+            return code
+    finally:
+        await credential.aclose()
+
+
+async def _first_token(credential: ClientSecretCredential, report: _Report) -> None:
+    """Azure AD first, as a step of its own: its timing is reported and a refusal fails fast."""
+    started = time.monotonic()
+    try:
+        await credential.token()
+    except AuthError as exc:
+        report.on_step(_AadStep(duration_s=time.monotonic() - started, outcome="error", status=None))
+        report.outcome, report.reason = "failed", f"AuthError: {exc}"
+        raise
+    report.on_step(_AadStep(duration_s=time.monotonic() - started, outcome="ok", status=200))
+
+
+@dataclass(frozen=True)
+class _AadStep:
+    """The shape of a StepEvent's end, for the Azure AD step the CLI times itself."""
+
+    duration_s: float
+    outcome: str
+    status: int | None
+    step: str = "aad_token"
+    phase: str = "end"
+    attempt: int = 1
+    retry_reason: str | None = None
+
+
+async def _hold(seconds: float, guest: Any, report: _Report) -> int:
+    """Stay joined for ``seconds``; the guest closing early (ended, failed) is a failure of the hold."""
+    if seconds <= 0:
+        report.held_s = 0.0
+        return EXIT_OK
+    report.line(f"holding for {seconds:g} s ...")
+    started = time.monotonic()
+    try:
+        outcome = await asyncio.wait_for(guest.wait_closed(), timeout=seconds)
+    except TimeoutError:
+        report.held_s = time.monotonic() - started
+        return EXIT_OK
+    report.held_s = time.monotonic() - started
+    report.outcome = str(outcome.kind)
+    report.reason = outcome.reason or str(outcome.kind)
+    message = f"guest {outcome.kind} after {report.held_s:.1f} s of the {seconds:g} s hold"
+    if outcome.reason:
+        message += f": {outcome.reason}"
+    report.line(message)
+    _error_line(message)
+    return EXIT_FAILED

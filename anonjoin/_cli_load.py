@@ -1,0 +1,758 @@
+"""``anonjoin load``, ``anonjoin rejoin`` and ``anonjoin sessions``: the many-guest side of the CLI.
+
+``anonjoin load`` with no target (no target flag, no ``ANONJOIN_*`` target variable, no target in
+``--config``) starts the embedded simulator (with ``--faults``) and loads it; with a target it loads that
+deployment (more than 50 guests against a host that is not loopback needs ``--i-own-this-service``). It
+shows live progress, writes ``anonjoin-report.json`` and ``anonjoin-report.html`` (or ``--report`` /
+``--html``), and exits 0; 1 when ``--fail-if`` is breached or no guest joined; 2 for a bad flag or setting;
+130 when interrupted (Ctrl-C / SIGTERM: arrivals stop, joined guests leave, the report is still written).
+
+Every guest's applicationSessionId comes from the session store (``--store``; default
+``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
+``anonjoin rejoin --guest ID`` brings a guest back with the same id after a restart, and
+``anonjoin sessions`` lists what the store holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
+from anonjoin._settings import TargetSettings
+from anonjoin._store import MemorySessionStore, SessionStore, SqliteSessionStore, default_store_path
+
+__all__ = ["register", "run_load_command", "run_rejoin_command", "run_sessions_command"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_GUESTS = 300
+DEFAULT_CONCURRENCY = 50
+DEFAULT_HOLD_S = 5.0
+DEFAULT_SIM_MEETINGS = 4
+DEFAULT_REPORT = "anonjoin-report.json"
+DEFAULT_HTML = "anonjoin-report.html"
+GUARD_GUESTS = 50
+MEMORY_STORE = ":memory:"
+
+REQUIRED_FOR_TARGET = ("discover_url", "authority", "client_id", "client_secret", "endpoint_id")
+_NOT_A_TARGET = {"client_secret"}
+
+log = logging.getLogger("anonjoin.cli")
+
+
+# -- flags -----------------------------------------------------------------------------------------
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def add_target_flags(parser: argparse.ArgumentParser, *, meeting: bool = True) -> None:
+    """The target flags of ``anonjoin join`` (same names, same meaning)."""
+    target = parser.add_argument_group("target (none: the embedded simulator)")
+    target.add_argument("--discover-url", metavar="URL", help="the Trusted Application API discover URL")
+    target.add_argument("--authority", metavar="URL", help="Azure AD authority, https://host/<tenant>")
+    target.add_argument("--tenant", help="tenant (default: the domain of --endpoint-id)")
+    target.add_argument("--client-id", metavar="ID", help="the service application's Azure AD app id")
+    target.add_argument(
+        "--client-secret",
+        metavar="SECRET",
+        help="the app's client secret (prefer ANONJOIN_CLIENT_SECRET: flags show up in process lists)",
+    )
+    target.add_argument("--endpoint-id", metavar="SIP_URI", help="application endpoint, sip:app@domain")
+    if meeting:
+        target.add_argument("--meeting-url", metavar="URL", help="the meeting's HTTP join URL")
+    target.add_argument("--origin", metavar="ORIGIN", help="the origin the guests present, https://host")
+    target.add_argument("--scope", help="Azure AD scope (default https://api.skypeforbusiness.com/.default)")
+    target.add_argument("--ca-file", metavar="PEM", help="CA bundle to trust for the target (and Azure AD)")
+    target.add_argument(
+        "--insecure", action="store_true", default=None, help="do not verify TLS certificates (test only)"
+    )
+    target.add_argument("--config", metavar="FILE", help="TOML or JSON file with the settings above")
+
+
+def _store_flag(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--store",
+        metavar="PATH",
+        help=(
+            "session store file (SQLite); default $ANONJOIN_STORE or ~/.local/state/anonjoin/sessions.db; "
+            f"{MEMORY_STORE} keeps nothing"
+        ),
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    load = subparsers.add_parser(
+        "load",
+        help="join many guests at once and report (the embedded simulator when no target is given)",
+        description=(
+            "Load-test guest joins: many guests with bounded concurrency and an arrival schedule, held "
+            "joined, then left; live progress; a JSON and an HTML report. With no target, the embedded "
+            "simulator is started (with --faults) and loaded."
+        ),
+    )
+    run = load.add_argument_group("the run")
+    run.add_argument("--guests", type=_non_negative_int, default=DEFAULT_GUESTS, help="guests (default 300)")
+    run.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=DEFAULT_CONCURRENCY,
+        help="joins in flight at most (default 50); the connection pool is sized to it",
+    )
+    sched = run.add_mutually_exclusive_group()
+    sched.add_argument(
+        "--rate", type=_positive_float, metavar="R", help="arrivals per second (default: as fast as allowed)"
+    )
+    sched.add_argument(
+        "--ramp",
+        metavar="SPEC",
+        help="arrival ramp: A..B/SECONDS (linear, e.g. 10..200/30s) or RATE:SECONDS,...,RATE (steps)",
+    )
+    run.add_argument(
+        "--hold",
+        type=_non_negative_float,
+        default=DEFAULT_HOLD_S,
+        metavar="S",
+        help="seconds each guest stays joined before it leaves (default 5)",
+    )
+    run.add_argument(
+        "--meetings",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"spread guests over N meetings, creating N-1 (default {DEFAULT_SIM_MEETINGS} on the "
+        "simulator, 1 on a target)",
+    )
+    run.add_argument("--display-name", metavar="NAME", help="guest display name; {n} is the guest's number")
+    run.add_argument(
+        "--guest-prefix", default="guest-", metavar="P", help="guest ids are P0001... (default guest-)"
+    )
+    run.add_argument(
+        "--lobby-timeout", type=_positive_float, default=None, metavar="S", help="lobby wait limit"
+    )
+    run.add_argument(
+        "--shared-throttle",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after a 429/503 every guest waits out the Retry-After (default: on for a target, off for the "
+        "embedded simulator, whose throttling is random per request rather than a load signal)",
+    )
+    run.add_argument(
+        "--i-own-this-service",
+        action="store_true",
+        help=f"allow more than {GUARD_GUESTS} guests against a target that is not on loopback",
+    )
+    sim = load.add_argument_group("embedded simulator")
+    sim.add_argument(
+        "--faults",
+        default="none",
+        metavar="PROFILE|FILE",
+        help="fault profile: none, flaky, throttled, chaos, or a JSON file (default none)",
+    )
+    sim.add_argument("--seed", type=int, default=0, help="seed of the simulator's random choices (default 0)")
+    out = load.add_argument_group("output")
+    out.add_argument(
+        "--report", default=DEFAULT_REPORT, metavar="PATH", help="JSON report (default %(default)s)"
+    )
+    out.add_argument("--html", default=DEFAULT_HTML, metavar="PATH", help="HTML report (default %(default)s)")
+    out.add_argument("--no-html", action="store_true", help="do not write the HTML report")
+    out.add_argument(
+        "--fail-if",
+        metavar="EXPR",
+        help='exit 1 when this holds, e.g. "success_rate<0.99 or p95(join)>2s"',
+    )
+    out.add_argument(
+        "--progress", choices=("auto", "bar", "plain", "off"), default="auto", help="progress display"
+    )
+    out.add_argument(
+        "--progress-interval",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="seconds between progress updates (default 0.25 for the bar, 5 for plain lines)",
+    )
+    out.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
+    _store_flag(out)
+    add_target_flags(load)
+    load.set_defaults(run=run_load_command)
+
+    rejoin = subparsers.add_parser(
+        "rejoin",
+        help="bring a guest back by its guest id, with its stored applicationSessionId",
+        description=(
+            "Rejoin one guest of the session store (for example after a restart) with the same "
+            "applicationSessionId, hold it, then leave. The target comes from the flags, the ANONJOIN_* "
+            "environment or --config; the meeting and origin from the store unless given."
+        ),
+    )
+    rejoin.add_argument("--guest", required=True, metavar="ID", help="the guest id (see anonjoin sessions)")
+    rejoin.add_argument("--hold", type=_non_negative_float, default=0.0, metavar="S", help="stay this long")
+    rejoin.add_argument("--json", action="store_true", help="print one JSON object")
+    _store_flag(rejoin)
+    add_target_flags(rejoin)
+    rejoin.set_defaults(run=run_rejoin_command)
+
+    sessions = subparsers.add_parser("sessions", help="list the session store")
+    sessions.add_argument("--json", action="store_true", help="print JSON (one array)")
+    sessions.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="the newest N only")
+    _store_flag(sessions)
+    sessions.set_defaults(run=run_sessions_command)
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+
+
+def _error_line(command: str, text: str) -> None:
+    print(f"anonjoin {command}: {' '.join(redact(text).split())}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """-v: every anonjoin log record to stderr (secrets are redacted at the source). Otherwise none: no
+    log line over the progress display (the report holds what they would say). Undone on exit."""
+    root = logging.getLogger("anonjoin")
+    handler: logging.Handler
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    level = root.level
+    root.addHandler(handler)
+    if verbose:
+        root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _guarded(command: str, body: Callable[[], int]) -> int:
+    """Run ``body``; every error is one line on stderr, never a traceback."""
+    try:
+        return body()
+    except ConfigurationError as exc:
+        _error_line(command, f"error: {exc}")
+        return EXIT_USAGE
+    except AnonJoinError as exc:
+        _error_line(command, f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error_line(command, "interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: still one line, with the type
+        log.debug("anonjoin.cli.crash", exc_info=True)
+        _error_line(command, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+        return EXIT_FAILED
+
+
+def open_store(path: str | None, *, create: bool = True) -> SessionStore:
+    """The store at ``path`` (default: :func:`default_store_path`). ``create=False``: a missing file reads
+    as an empty store and is not created (``sessions`` and ``rejoin`` only read before they write)."""
+    if path == MEMORY_STORE:
+        return MemorySessionStore()
+    file = Path(path).expanduser() if path else default_store_path()
+    if not create and not file.exists():
+        return MemorySessionStore()
+    return SqliteSessionStore(file)
+
+
+def _settings_from(ns: argparse.Namespace, **extra: Any) -> TargetSettings:
+    return TargetSettings.load(
+        config_file=ns.config,
+        discover_url=ns.discover_url,
+        authority=ns.authority,
+        tenant=ns.tenant,
+        client_id=ns.client_id,
+        client_secret=ns.client_secret,
+        endpoint_id=ns.endpoint_id,
+        meeting_url=getattr(ns, "meeting_url", None),
+        origin=ns.origin,
+        scope=ns.scope,
+        ca_file=ns.ca_file,
+        insecure=ns.insecure,
+        **extra,
+    )
+
+
+def _is_target(settings: TargetSettings) -> bool:
+    return any(name not in _NOT_A_TARGET for name in settings.given_target_fields())
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """Whether ``url``'s host is loopback: ``localhost`` or a loopback IP literal (names are not resolved)."""
+    if not url:
+        return False
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class _Target:
+    settings: TargetSettings
+    label: str
+    embedded: bool
+    simulator: Any = None
+
+
+@contextlib.asynccontextmanager
+async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIterator[_Target]:
+    if _is_target(settings):
+        if ns.faults != "none":
+            raise ConfigurationError("--faults applies to the embedded simulator only (no target given)")
+        settings.require(*REQUIRED_FOR_TARGET, "meeting_url", "origin")
+        yield _Target(settings, redact_url(settings.discover_url), embedded=False)
+        return
+    from anonjoin.simulator import Simulator, SimulatorConfig
+    from anonjoin.simulator._faults import FaultProfile
+
+    profile = FaultProfile.load(ns.faults)  # ConfigurationError for an unknown name or a bad file
+    async with Simulator(SimulatorConfig(seed=ns.seed, faults=profile)) as sim:
+        info = sim.info
+        simulated = TargetSettings.load(
+            use_env=False,
+            discover_url=info.discover_url,
+            authority=info.authority,
+            tenant=info.tenant,
+            client_id=info.client_id,
+            client_secret=info.client_secret,
+            endpoint_id=info.endpoint_id,
+            meeting_url=info.meeting_url,
+            origin=info.origin,
+            scope=info.scope,
+            ca_file=info.ca_file,
+            display_name=settings.display_name,
+        )
+        label = f"embedded simulator (faults {profile.name}, seed {ns.seed})"
+        yield _Target(simulated, label, embedded=True, simulator=sim)
+
+
+# -- anonjoin load ---------------------------------------------------------------------------------
+
+
+def run_load_command(ns: argparse.Namespace) -> int:
+    with _logging(bool(ns.verbose)):
+        return _guarded("load", lambda: _load_sync(ns))
+
+
+def _load_sync(ns: argparse.Namespace) -> int:
+    from anonjoin._report import write_json, write_text
+    from anonjoin._report_html import render_html
+
+    condition, schedule = _plan_inputs(ns)
+    # Check the report paths first: a typo should not cost a whole run.
+    for path in (ns.report, None if ns.no_html else ns.html):
+        if path:
+            parent = Path(path).expanduser().absolute().parent
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent  # missing directories are made when the report is written
+            if not parent.is_dir():
+                raise ConfigurationError(f"cannot write the report {path}: {parent} is not a directory")
+    report = asyncio.run(_load(ns, condition, schedule))
+    written = [str(write_json(Path(ns.report).expanduser(), report))]
+    if not ns.no_html:
+        written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
+    _print_summary(report, written)
+    if report["interrupted"]:
+        return EXIT_INTERRUPTED
+    if report["fail_if"] and report["fail_if"]["breached"]:
+        _error_line("load", f"--fail-if breached: {report['fail_if']['detail']}")
+        return EXIT_FAILED
+    if report["guests"] and not report["joined"]:
+        _error_line("load", "no guest joined")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _plan_inputs(ns: argparse.Namespace) -> tuple[Any, Any]:
+    from anonjoin._report import parse_fail_if
+    from anonjoin._runner import ConstantRate, parse_ramp
+
+    condition = parse_fail_if(ns.fail_if) if ns.fail_if else None
+    schedule = ConstantRate(ns.rate) if ns.rate else parse_ramp(ns.ramp) if ns.ramp else None
+    return condition, schedule
+
+
+async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[str, Any]:
+    from anonjoin._metrics import Metrics
+    from anonjoin._progress import ProgressDisplay
+    from anonjoin._report import build_report
+    from anonjoin._retry import RetryPolicy
+    from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
+
+    display = ns.display_name or "anonjoin guest {n}"
+    settings = _settings_from(ns, display_name=display.replace("{n}", "1"))
+    if _is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service:
+        for url in (settings.discover_url, settings.meeting_url):
+            if url is not None and not is_loopback_url(url):
+                raise ConfigurationError(
+                    f"refusing to send {ns.guests} guests to {redact_url(url)}, which is not on loopback: "
+                    f"more than {GUARD_GUESTS} guests need --i-own-this-service"
+                )
+    store = open_store(ns.store)
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {"runner": None, "signals": 0}
+
+    def on_signal(signame: str) -> None:
+        state["signals"] += 1
+        runner: LoadRunner | None = state["runner"]
+        if state["signals"] == 1:
+            print(
+                f"\nanonjoin load: {signame}: stopping: no more arrivals, joined guests are leaving; "
+                "the report will be written",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print("anonjoin load: still stopping (leaving is bounded)", file=sys.stderr, flush=True)
+        if runner is not None:
+            runner.cancel()
+
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+            installed.append(sig)
+
+    def on_runner(runner: LoadRunner) -> None:
+        state["runner"] = runner
+        if state["signals"]:
+            runner.cancel()
+
+    try:
+        async with _target(ns, settings) as target:
+            t = target.settings
+            assert t.discover_url and t.endpoint_id and t.meeting_url and t.origin
+            meetings = ns.meetings or (DEFAULT_SIM_MEETINGS if target.embedded else 1)
+            shared_throttle = (not target.embedded) if ns.shared_throttle is None else ns.shared_throttle
+            plan = LoadPlan(
+                guests=ns.guests,
+                meeting_urls=(t.meeting_url,),
+                origin=t.origin,
+                concurrency=ns.concurrency,
+                schedule=schedule,
+                hold_s=ns.hold,
+                display_name=display,
+                guest_prefix=ns.guest_prefix,
+                lobby_timeout_s=ns.lobby_timeout,
+            )
+            run_settings: dict[str, Any] = {
+                "target": target.label,
+                "guests": ns.guests,
+                "concurrency": ns.concurrency,
+                "connection_pool": pool_size(ns.concurrency),
+                "schedule": _describe_schedule(ns),
+                "hold_s": ns.hold,
+                "meetings": meetings,
+                "shared_throttle": shared_throttle,
+                "faults": ns.faults if target.embedded else None,
+                "seed": ns.seed if target.embedded else None,
+                "origin": t.origin,
+                "display_name": display,
+                "guest_prefix": ns.guest_prefix,
+                "lobby_timeout_s": ns.lobby_timeout,
+                "store": ns.store or str(default_store_path()),
+                "fail_if": ns.fail_if,
+                "endpoint_id": t.endpoint_id,
+            }
+            print(
+                f"anonjoin load: {ns.guests} guests, {ns.concurrency} in flight at most, "
+                f"over {meetings} meeting(s) of {target.label}",
+                file=sys.stderr,
+                flush=True,
+            )
+            metrics = Metrics(guests=ns.guests, seed=ns.seed)
+            credential = t.credential()
+            try:
+                async with ProgressDisplay(metrics, mode=ns.progress, interval_s=ns.progress_interval):
+                    result = await run_load(
+                        plan,
+                        discover_url=t.discover_url,
+                        endpoint_id=t.endpoint_id,
+                        credential=credential,
+                        ca_file=t.ca_file,
+                        verify_tls=t.verify_tls(),
+                        store=store,
+                        metrics=metrics,
+                        meetings=meetings,
+                        retry=RetryPolicy(shared_throttle=shared_throttle),
+                        on_runner=on_runner,
+                    )
+            finally:
+                await credential.aclose()
+            service_check = (
+                check_against_service(result.guests, target.simulator.snapshot())
+                if target.simulator is not None
+                else None
+            )
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await store.aclose()
+
+    return build_report(
+        result.metrics,
+        result.guests,
+        run_settings,
+        started_at=result.started_at,
+        interrupted=result.interrupted or bool(state["signals"]),
+        fail_if=condition,
+        warnings=result.warnings,
+        service_check=service_check,
+    )
+
+
+def _describe_schedule(ns: argparse.Namespace) -> str:
+    if ns.rate:
+        return f"constant {ns.rate:g} guests/s"
+    if ns.ramp:
+        return f"ramp {ns.ramp}"
+    return "as fast as the concurrency allows"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms" if value < 10_000 else f"{value / 1000:.1f} s"
+
+
+def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
+    j = report["join_latency_ms"]
+    lines = [
+        f"anonjoin load: {report['guests']} guests: {report['joined']} joined, {report['failed']} failed, "
+        f"{report['ended']} ended, {report['cancelled']} cancelled "
+        f"(success {100 * report['success_rate']:.2f}%) in {report['duration_s']:.1f} s",
+        f"  {report['joins_per_s']:.1f} joins/s   join latency p50 {_ms(j['p50'])}  p90 {_ms(j['p90'])}  "
+        f"p99 {_ms(j['p99'])}  max {_ms(j['max'])}",
+        f"  rejoins {report['rejoins']}   drops {report['drops']}   "
+        f"retries {sum(report['retries_by_reason'].values())}",
+    ]
+    for key, label in (("failures_by_reason", "failed"), ("ended_by_reason", "ended")):
+        if report[key]:
+            lines.append(f"  {label}: " + ", ".join(f"{k} x{v}" for k, v in list(report[key].items())[:8]))
+    check = report.get("service_check")
+    if check is not None:
+        lines.append(
+            f"  simulator's record: {'ok' if check['ok'] else 'NOT OK'}: "
+            f"{check['application_session_ids_seen']} applicationSessionIds, "
+            f"{check['unknown_application_session_ids']} unknown, "
+            f"{check['rejoined_guests_with_the_same_id']}/{check['rejoined_guests']} rejoined guests "
+            "kept their id, "
+            f"{check['duplicate_roster_entries']} duplicate roster entries, "
+            f"{check['live_applications_at_end']} live applications left"
+        )
+    lines.extend(f"  warning: {w}" for w in report.get("warnings", ()))
+    lines.append("  report: " + ", ".join(written))
+    print("\n".join(lines), flush=True)
+
+
+# -- anonjoin rejoin -------------------------------------------------------------------------------
+
+
+def run_rejoin_command(ns: argparse.Namespace) -> int:
+    return _guarded("rejoin", lambda: asyncio.run(_rejoin(ns)))
+
+
+async def _rejoin(ns: argparse.Namespace) -> int:
+    from anonjoin._client import Client
+
+    store = open_store(ns.store, create=False)
+    try:
+        record = await store.get(ns.guest)
+        if record is None:
+            raise ConfigurationError(
+                f"no session for guest {ns.guest!r} in the store (anonjoin sessions lists the guests)"
+            )
+        settings = _settings_from(ns, display_name=record.display_name)
+        if not _is_target(settings):
+            raise ConfigurationError(
+                "rejoin needs the target the guest joined: give --discover-url and the other target flags, "
+                "the ANONJOIN_* environment or --config"
+            )
+        settings.require(*REQUIRED_FOR_TARGET)
+        assert settings.discover_url and settings.endpoint_id
+        meeting_url = settings.meeting_url or record.meeting_url
+        origin = settings.origin or record.origin
+        out: dict[str, Any] = {
+            "guest_id": record.guest_id,
+            "application_session_id": record.application_session_id,
+            "meeting": redact_url(meeting_url),
+            "outcome": "failed",
+            "reason": None,
+        }
+        credential = settings.credential()
+        try:
+            async with Client(
+                discover_url=settings.discover_url,
+                endpoint_id=settings.endpoint_id,
+                credential=credential,
+                ca_file=settings.ca_file,
+                verify_tls=settings.verify_tls(),
+            ) as client:
+                guest = client.guest(
+                    meeting_url=meeting_url,
+                    origin=origin,
+                    display_name=record.display_name,
+                    guest_id=record.guest_id,
+                    application_session_id=record.application_session_id,
+                )
+                started = time.monotonic()
+                try:
+                    result = await guest.join()
+                except AnonJoinError as exc:
+                    from anonjoin._runner import failure_reason
+
+                    out["reason"] = failure_reason(exc, guest.outcome.reason if guest.outcome else None)
+                    await store.get_or_create(
+                        record.guest_id,
+                        meeting_url=meeting_url,
+                        origin=origin,
+                        display_name=record.display_name,
+                    )
+                    await store.record_outcome(record.guest_id, f"failed: {out['reason']}")
+                    _emit_rejoin(ns, out, time.monotonic() - started)
+                    return EXIT_FAILED
+                out["outcome"] = "joined"
+                out["join_ms"] = round(result.duration_s * 1000, 1)
+                code = EXIT_OK
+                if ns.hold > 0:
+                    try:
+                        closed = await asyncio.wait_for(guest.wait_closed(), timeout=ns.hold)
+                    except TimeoutError:
+                        pass
+                    else:
+                        out["outcome"] = closed.kind
+                        out["reason"] = closed.reason
+                        code = EXIT_FAILED
+                await guest.leave()
+                out["rejoins_during_hold"] = guest.rejoins
+        finally:
+            await credential.aclose()
+        await store.get_or_create(
+            record.guest_id, meeting_url=meeting_url, origin=origin, display_name=record.display_name
+        )
+        await store.record_outcome(
+            record.guest_id,
+            "joined" if out["outcome"] == "joined" else f"{out['outcome']}: {out['reason']}",
+            rejoins=1,
+        )
+        _emit_rejoin(ns, out, None)
+        return code
+    finally:
+        await store.aclose()
+
+
+def _emit_rejoin(ns: argparse.Namespace, out: dict[str, Any], took: float | None) -> None:
+    if ns.json:
+        print(json.dumps(out, sort_keys=True), flush=True)
+        return
+    if out["outcome"] == "joined":
+        print(
+            f"rejoined guest {out['guest_id']} (applicationSessionId {out['application_session_id']}) "
+            f"in {out.get('join_ms', 0):.0f} ms, then left",
+            flush=True,
+        )
+    else:
+        _error_line("rejoin", f"guest {out['guest_id']} not rejoined: {out['reason']}")
+
+
+# -- anonjoin sessions -----------------------------------------------------------------------------
+
+
+def run_sessions_command(ns: argparse.Namespace) -> int:
+    return _guarded("sessions", lambda: asyncio.run(_sessions(ns)))
+
+
+async def _sessions(ns: argparse.Namespace) -> int:
+    store = open_store(ns.store, create=False)
+    try:
+        records = await store.list()
+    finally:
+        await store.aclose()
+    if ns.limit is not None:
+        records = sorted(records, key=lambda r: r.updated_at)[-ns.limit :]
+    if ns.json:
+        print(json.dumps([r.to_json() for r in records], indent=2), flush=True)
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ("guest", "applicationSessionId", "meeting", "last outcome", "rejoins", "updated (UTC)")
+    rows = [
+        (
+            r.guest_id,
+            r.application_session_id,
+            redact_url(r.meeting_url),
+            r.last_outcome or "-",
+            str(r.rejoins),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.updated_at)),
+        )
+        for r in records
+    ]
+    table = Table(title=f"{len(records)} session(s)", title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if column == "rejoins" else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console = Console(soft_wrap=False)
+    if not console.is_terminal:
+        # A pipe or a file: as wide as the rows need, never wrapped or cut.
+        widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
+        console = Console(soft_wrap=False, width=sum(widths) + 3 * len(widths) + 1)
+    console.print(table)
+    return EXIT_OK

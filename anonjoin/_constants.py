@@ -1,0 +1,52 @@
+"""Every default of the anonjoin client, named, in one place (like openai-python's ``_constants.py``)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from anonjoin._version import __version__
+
+# --- HTTP -----------------------------------------------------------------------------------------
+USER_AGENT: Final = f"anonjoin/{__version__}"
+CULTURE: Final = "en-us"
+MAX_CONNECTIONS: Final = 100
+"""Connections for ordinary requests (per Client). Parked event polls use their own, unbounded pool."""
+MAX_BODY_BYTES: Final = 1024 * 1024
+"""A response body larger than this is a ProtocolError; bodies are read bounded."""
+CONNECT_TIMEOUT_S: Final = 10.0
+REQUEST_TIMEOUT_S: Final = 30.0
+POLL_TIMEOUT_S: Final = 180.0
+"""The server's default long-poll time (protocol.md §4.8); a poll read times out after this plus a margin."""
+POLL_TIMEOUT_MARGIN_S: Final = 30.0
+DELETE_TIMEOUT_S: Final = 30.0
+"""Budget of the DELETE of an application when leaving or cleaning up (a DELETE given up leaves the
+application live until the service expires it, so it gets more time and attempts than other steps)."""
+DELETE_ATTEMPTS: Final = 10
+LEAVE_DRAIN_S: Final = 1.0
+"""After the DELETE, how long a parked poll may take to come back (keeping its connection)."""
+
+# --- Retries (per step) -----------------------------------------------------------------------------
+ATTEMPTS: Final = 6
+STEP_DEADLINE_S: Final = 60.0
+GUEST_DEADLINE_S: Final = 300.0
+WAIT_INITIAL_S: Final = 0.2
+WAIT_MAX_S: Final = 10.0
+WAIT_JITTER_S: Final = 0.5
+RETRY_AFTER_CAP_S: Final = 60.0
+AUTH_REFRESHES_PER_STEP: Final = 1
+
+# --- Rejoin --------------------------------------------------------------------------------------------
+REJOIN_ATTEMPTS: Final = 5
+EXPIRY_MARGIN_S: Final = 300.0
+EXPIRY_MARGIN_FRACTION: Final = 0.25
+"""For a short-lived psat the margin is at most this fraction of its lifetime."""
+REJOIN_WAIT_INITIAL_S: Final = 0.5
+REJOIN_WAIT_MAX_S: Final = 30.0
+REJOIN_JITTER_S: Final = 0.5
+
+# --- Guests --------------------------------------------------------------------------------------------
+LOBBY_TIMEOUT_S: Final = 300.0
+CAPABILITIES_TTL_S: Final = 3600.0
+"""Discover/applications/capabilities are shared by all guests and refetched after this long."""
+EVENT_QUEUE_WARN: Final = 10_000
+INVITATION_IMPORTANCE: Final = "Normal"

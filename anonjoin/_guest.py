@@ -1,0 +1,772 @@
+"""One guest: the aiohttp driver of the sans-IO machine in ``anonjoin._protocol``.
+
+A guest's whole life runs in one background task: mint -> discover -> create -> invite -> poll until the
+invitation completes -> keep a poll parked (always issuing the next poll before processing a response) ->
+rejoin with the same applicationSessionId when the psat nears expiry or the guest is dropped -> leave.
+Every state change goes through :class:`GuestMachine`; every failure through :func:`classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from yarl import URL
+
+from anonjoin import _constants as C
+from anonjoin._events import ChannelEvent, Event, GuestEvent, GuestEventKind, Observer, Step, log_event
+from anonjoin._exceptions import AnonJoinError, JoinFailed, ProtocolError, ServiceError, redact_url
+from anonjoin._http import HttpClient, Response, request_id
+from anonjoin._models import (
+    ApplicationBody,
+    DiscoverBody,
+    EventsBody,
+    GuestGrant,
+    GuestOutcome,
+    JoinResult,
+    embedded_links,
+    embedded_resource,
+    find_href,
+    parse_body,
+    require_link,
+    resolve,
+)
+from anonjoin._protocol import (
+    SIGNAL_INPUT,
+    STEP_FOR_STATE,
+    TRANSITIONS,
+    Action,
+    Decision,
+    GuestMachine,
+    GuestState,
+    Input,
+    Signal,
+    classify,
+    settle,
+    signal_of,
+)
+from anonjoin._retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner, StepStats
+
+if TYPE_CHECKING:
+    from anonjoin._service import ServiceApp
+
+log = logging.getLogger("anonjoin.guest")
+
+SHARED_STEPS = frozenset({"aad_token", "discover", "applications", "capabilities"})
+"""Steps shared by every guest of a Client: their errors are raised as they are, not as JoinFailed."""
+_STEPS: frozenset[str] = frozenset(get_args(Step.__value__))
+_POLLING = frozenset({GuestState.CONNECTING, GuestState.LOBBY, GuestState.JOINED})
+_NOT_JOINED_YET = frozenset({GuestState.CONNECTING, GuestState.LOBBY})
+
+
+@dataclass(slots=True)
+class GuestContext:
+    """What all guests of one Client share."""
+
+    http: HttpClient
+    runner: StepRunner
+    service: ServiceApp
+    observer: Observer
+    clock: Clock
+    retry: RetryPolicy
+    rejoin: RejoinPolicy
+    user_agent: str
+    culture: str
+    on_close: Callable[[Guest], None]
+
+
+class _Timer(Exception):
+    """Internal: a poll wait ran out because a timer (lobby, deadline, expiry) is due."""
+
+
+class _EventIterator:
+    __slots__ = ("_guest", "_queue")
+
+    def __init__(self, guest: Guest, queue: asyncio.Queue[Event | None]) -> None:
+        self._guest = guest
+        self._queue = queue
+
+    def __aiter__(self) -> _EventIterator:
+        return self
+
+    async def __anext__(self) -> Event:
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)  # stay ended for later calls
+            raise StopAsyncIteration
+        return item
+
+
+class Guest:
+    """One anonymous guest. Create it with :meth:`anonjoin.Client.guest`."""
+
+    def __init__(
+        self,
+        ctx: GuestContext,
+        *,
+        meeting_url: str,
+        origin: str,
+        display_name: str,
+        guest_id: str,
+        application_session_id: str,
+        lobby_timeout_s: float,
+    ) -> None:
+        self._ctx = ctx
+        self.guest_id = guest_id
+        self.application_session_id = application_session_id
+        self.meeting_url = meeting_url
+        self.origin = origin
+        self.display_name = display_name
+        self.lobby_timeout_s = lobby_timeout_s
+        self.rejoins = 0
+        self.result: JoinResult | None = None
+        self.conference_id: str | None = None
+        self.outcome: GuestOutcome | None = None
+        self._m = GuestMachine()
+        self._grant: GuestGrant | None = None
+        self._rejoin_due: float | None = None  # monotonic instant to rejoin ahead of psat expiry
+        self._anon_apps_url: URL | None = None
+        self._app_url: URL | None = None
+        self._events_url: URL | None = None
+        self._join_url: URL | None = None
+        self._task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._joined: asyncio.Future[JoinResult] = loop.create_future()
+        self._closed: asyncio.Future[GuestOutcome] = loop.create_future()
+        self._subs: list[asyncio.Queue[Event | None]] = []
+        self._ever_joined = False
+        self._recoveries = 0  # consecutive rejoins/recoveries since the last successful join
+        self._stats = StepStats()
+        self._join_started = 0.0
+        self._deadline_at = 0.0
+        self._lobby_since: float | None = None
+        self._lobby_total = 0.0
+        self._error: AnonJoinError | None = None
+        self._leave_requested = False
+        self._leave_now: asyncio.Future[None] = loop.create_future()
+        self._in_poll_wait = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Guest {self.guest_id} asi={self.application_session_id} state={self.state.value}"
+            f" rejoins={self.rejoins}>"
+        )
+
+    # --- public ---------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> GuestState:
+        return self._m.state
+
+    async def join(self) -> JoinResult:
+        """Join (or wait for the join already running); raises JoinFailed or a typed error if it cannot."""
+        if self._closed.done() or (self._task is None and self._m.state is not GuestState.NEW):
+            first = self._joined.exception() if self._joined.done() else None
+            if first is not None:
+                raise first  # the join failed: the same error again
+            raise JoinFailed(self._m.reason or self._m.state.value, "this guest is closed")
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"anonjoin-guest-{self.guest_id}")
+        try:
+            return await asyncio.shield(self._joined)
+        except asyncio.CancelledError:
+            if not self._joined.done():
+                await self._cancel_task()
+            raise
+
+    def events(self) -> AsyncIterator[Event]:
+        """Channel and guest events in order, exactly once, from this call on (call it before join())."""
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        if self._closed.done():
+            queue.put_nowait(None)
+        else:
+            self._subs.append(queue)
+        return _EventIterator(self, queue)
+
+    async def wait_closed(self) -> GuestOutcome:
+        """Wait until the guest has left, its meeting ended, or it failed for good."""
+        return await asyncio.shield(self._closed)
+
+    async def leave(self) -> None:
+        """DELETE the application and stop the background task. Idempotent."""
+        self._leave_requested = True
+        if self._task is None:
+            if not self._m.terminal:
+                self._m.handle(Input.LEAVE)
+                self._m.handle(Input.DELETED)
+                self._finish(None)
+            return
+        task = self._task
+        if not task.done() and (self._in_poll_wait or self._leave_now.done()):
+            # Graceful: the poll loop DELETEs while its poll is parked; the service releases the poll, so
+            # its connection goes back to the pool instead of being torn down.
+            if not self._leave_now.done():
+                self._leave_now.set_result(None)
+            try:
+                done, _ = await asyncio.wait({task}, timeout=C.DELETE_TIMEOUT_S + C.LEAVE_DRAIN_S)
+            except asyncio.CancelledError:
+                await self._cancel_task()
+                raise
+            if done:
+                return
+        await self._cancel_task()
+
+    async def __aenter__(self) -> Guest:
+        await self.join()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.leave()
+
+    # --- the background task -------------------------------------------------------------------------
+
+    async def _cancel_task(self) -> None:
+        task = self._task
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        try:
+            await self._drive()
+        except asyncio.CancelledError:
+            cur = asyncio.current_task()
+            if cur is not None:
+                cur.uncancel()
+            await self._on_cancelled()
+        except Exception as exc:  # pragma: no cover - a bug; keep the guest accounted for
+            log_event(
+                log, logging.ERROR, "anonjoin.guest.bug", guest_id=self.guest_id, error=type(exc).__name__
+            )
+            if not self._m.terminal:
+                self._m.handle(Input.FAIL, "InternalError")
+            self._error = ProtocolError(f"internal error: {type(exc).__name__}")
+            await self._cleanup_app()
+            self._finish(self._error)
+
+    async def _on_cancelled(self) -> None:
+        if self._m.terminal:
+            return
+        self._m.handle(Input.LEAVE)
+        await self._cleanup_app()
+        self._m.handle(Input.DELETED)
+        self._finish(None)
+
+    def _now(self) -> float:
+        return self._ctx.clock.monotonic()
+
+    def _start_join(self) -> None:
+        self._stats = StepStats()
+        self._join_started = self._now()
+        self._deadline_at = self._join_started + self._ctx.retry.guest_deadline_s
+        self._lobby_total = 0.0
+        self._lobby_since = None
+
+    async def _drive(self) -> None:
+        m = self._m
+        m.handle(Input.JOIN)
+        self._start_join()
+        while not m.terminal:
+            state = m.state
+            step = STEP_FOR_STATE[state]
+            try:
+                if state in (GuestState.MINTING, GuestState.REJOINING):
+                    await self._mint()
+                    m.handle(Input.GRANTED)
+                elif state is GuestState.DISCOVERING:
+                    await self._discover()
+                    m.handle(Input.DISCOVERED)
+                elif state is GuestState.CREATING:
+                    await self._create()
+                    m.handle(Input.CREATED)
+                elif state is GuestState.INVITING:
+                    await self._invite()
+                    m.handle(Input.INVITED)
+                else:
+                    await self._poll_loop()
+            except AnonJoinError as exc:
+                if m.terminal:  # the machine itself refused an input
+                    self._error = exc
+                    break
+                await self._on_failure(step, exc)
+        await self._settle_terminal()
+
+    # --- failures --------------------------------------------------------------------------------------
+
+    def _can_recover(self) -> bool:
+        pol = self._ctx.rejoin
+        return pol.enabled and self._recoveries < pol.attempts and not self._leave_requested
+
+    async def _on_failure(self, step: Step, exc: AnonJoinError) -> None:
+        m = self._m
+        own = getattr(exc, "step", None)  # the step that really failed (minting runs discover & co.)
+        if isinstance(own, str) and own in _STEPS:
+            step = own  # type: ignore[assignment]
+        d: Decision = classify(step, exc)
+        reason = d.reason
+        log_event(
+            log,
+            logging.INFO,
+            "anonjoin.guest.failure",
+            guest_id=self.guest_id,
+            step=step,
+            action=d.action.value,
+            reason=reason,
+            error=type(exc).__name__,
+        )
+        if d.action is Action.ENDED or (
+            self._ever_joined and reason == "DestinationNotFound" and (m.state, Input.ENDED) in TRANSITIONS
+        ):
+            # a meeting this guest was in is no longer found: it ended while the guest was rejoining
+            m.handle(Input.ENDED, "Ended")
+            return
+        if d.action is Action.STOP_POLLER and (m.state, Input.REPLACED) in TRANSITIONS:
+            log_event(log, logging.INFO, "anonjoin.poll.replaced", guest_id=self.guest_id)
+            m.handle(Input.REPLACED, "PGetReplaced")
+            return
+        if d.action in (Action.REMINT, Action.RECREATE, Action.REJOIN) and self._can_recover():
+            self._recoveries += 1
+            if (
+                d.action is Action.RECREATE
+                and self._grant_fresh()
+                and (m.state, Input.APP_GONE) in TRANSITIONS
+            ):
+                self._emit("rejoining", reason)
+                self._app_url = self._events_url = None
+                m.handle(Input.APP_GONE, reason)
+                await self._rejoin_wait()
+                self._start_join()
+                return
+            if (m.state, Input.EXPIRING) in TRANSITIONS:
+                self._emit("rejoining", reason)
+                m.handle(Input.EXPIRING, reason)
+                await self._rejoin_wait()
+                self._start_join()
+                return
+        if (
+            d.action is Action.RETRY
+            and self._ever_joined
+            and self._can_recover()
+            and (m.state, Input.RETRY_REJOIN) in TRANSITIONS
+        ):
+            # a rejoin step ran out of retries: try the rejoin again later (bounded)
+            self._recoveries += 1
+            m.handle(Input.RETRY_REJOIN, reason)
+            await self._rejoin_wait()
+            self._start_join()
+            return
+        self._error = self._final_error(step, exc, reason)
+        m.handle(Input.FAIL, reason)
+
+    def _final_error(self, step: Step, exc: AnonJoinError, reason: str) -> AnonJoinError:
+        if isinstance(exc, ServiceError) and step not in SHARED_STEPS:
+            err = JoinFailed(reason, str(exc), cause_step=step)
+            err.__cause__ = exc
+            return err
+        return exc
+
+    async def _rejoin_wait(self) -> None:
+        if self._recoveries <= 1:
+            return
+        wait = self._ctx.rejoin.backoff(self._recoveries - 1, self._ctx.clock.rng)
+        log_event(
+            log, logging.DEBUG, "anonjoin.guest.rejoin_wait", guest_id=self.guest_id, wait_s=round(wait, 3)
+        )
+        await self._ctx.clock.sleep(wait)
+
+    def _grant_fresh(self) -> bool:
+        return self._grant is not None and (self._rejoin_due is None or self._now() < self._rejoin_due)
+
+    # --- steps ---------------------------------------------------------------------------------------------
+
+    def _guest_headers(self, *, auth: bool = True) -> dict[str, str]:
+        h = {"Origin": self.origin}
+        if auth and self._grant is not None:
+            h["Authorization"] = f"Bearer {self._grant.token}"
+        return h
+
+    def _guest_request(
+        self,
+        step: Step,
+        method: str,
+        url: URL,
+        *,
+        body: object = None,
+        auth: bool = True,
+        poll: bool = False,
+        timeout_s: float | None = None,
+        deadline_at: float | None = None,
+    ) -> Coroutine[Any, Any, Response]:
+        """The step as a coroutine (not a coroutine of its own: one await level less on every resume)."""
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        # the psat does not change within a step: the headers are built once, the attempt is a partial
+        attempt = partial(
+            self._ctx.http.request,
+            step,
+            method,
+            url,
+            headers=self._guest_headers(auth=auth),
+            body=data,
+            poll=poll,
+        )
+        return self._ctx.runner.run(
+            step,
+            attempt,
+            guest_id=self.guest_id,
+            stats=self._stats,
+            deadline_at=self._deadline_at if deadline_at is None else deadline_at,
+            timeout_s=timeout_s,
+        )
+
+    async def _mint(self) -> None:
+        grant = await self._ctx.service.mint_grant(
+            meeting_url=self.meeting_url,
+            allowed_origins=self.origin,
+            application_session_id=self.application_session_id,
+            guest_id=self.guest_id,
+            stats=self._stats,
+            deadline_at=self._deadline_at,
+        )
+        self._grant = grant
+        clock = self._ctx.clock
+        left = grant.expiry_epoch - clock.time()
+        if self._ctx.rejoin.enabled and self._ctx.rejoin.on_expiry:
+            self._rejoin_due = self._now() + left - self._ctx.rejoin.margin_for(left)
+        else:
+            self._rejoin_due = None
+        if grant.conference_id:
+            self.conference_id = grant.conference_id
+
+    async def _discover(self) -> None:
+        assert self._grant is not None
+        url = URL(self._grant.discover_url, encoded=True)  # opaque: never rebuilt or re-quoted
+        r = await self._guest_request("anon_discover", "GET", url, auth=False)
+        d = parse_body(
+            DiscoverBody, r.body, step="anon_discover", status=r.status, correlation_id=r.correlation_id
+        )
+        self._anon_apps_url = require_link(
+            d.links, r.url, "anonApplications", step="anon_discover", status=r.status
+        )
+        conf = d.conference_id or self._grant.conference_id
+        if not conf:
+            raise ProtocolError(
+                "no conference id (neither in discover nor in the token)",
+                step="anon_discover",
+                status=r.status,
+            )
+        self.conference_id = conf
+
+    async def _create(self) -> None:
+        if self._anon_apps_url is None:
+            raise ProtocolError("no anonApplications link", step="anon_applications")
+        body = {
+            "anonymousDisplayName": self.display_name,
+            "culture": self._ctx.culture,
+            "userAgent": self._ctx.user_agent,
+        }
+        r = await self._guest_request("anon_applications", "POST", self._anon_apps_url, body=body)
+        a = parse_body(
+            ApplicationBody,
+            r.body,
+            step="anon_applications",
+            status=r.status,
+            correlation_id=r.correlation_id,
+        )
+        self._app_url = require_link(a.links, r.url, "self", step="anon_applications", status=r.status)
+        self._events_url = require_link(a.links, r.url, "events", step="anon_applications", status=r.status)
+        comm = embedded_resource(a.embedded, "communication")
+        href = find_href(embedded_links(comm), "joinOnlineMeeting")
+        if href is None:
+            raise ProtocolError(
+                "missing link 'joinOnlineMeeting' (is the token for a meeting?)",
+                step="anon_applications",
+                status=r.status,
+            )
+        self._join_url = resolve(r.url, href, step="anon_applications")
+
+    async def _invite(self) -> None:
+        if self._join_url is None or not self.conference_id:
+            raise ProtocolError("nothing to invite to", step="invitations")
+        body = {
+            "anonymousDisplayName": self.display_name,
+            "importance": C.INVITATION_IMPORTANCE,
+            "onlineMeetingUri": self.conference_id,
+            "operationId": request_id().replace("-", ""),
+        }
+        r = await self._guest_request("invitations", "POST", self._join_url, body=body)
+        loc = r.headers.get("Location")
+        if not loc:
+            raise ProtocolError(
+                "invitation answered without Location",
+                step="invitations",
+                status=r.status,
+                body=r.body,
+                correlation_id=r.correlation_id,
+            )
+        resolve(r.url, loc, step="invitations")
+
+    # --- the event channel -----------------------------------------------------------------------------
+
+    def _start_poll(self, url: URL) -> asyncio.Task[Response]:
+        poll_timeout = C.POLL_TIMEOUT_S + C.POLL_TIMEOUT_MARGIN_S
+        deadline = self._now() + poll_timeout * 2 + self._ctx.retry.step_deadline_s
+        coro = self._guest_request(
+            "events", "GET", url, poll=True, timeout_s=poll_timeout, deadline_at=deadline
+        )
+        return asyncio.create_task(coro, name=f"anonjoin-poll-{self.guest_id}")
+
+    def _timer(self) -> tuple[float | None, str]:
+        """The next instant a timer is due while polling, and what it means."""
+        st = self._m.state
+        candidates: list[tuple[float, str]] = []
+        if self._rejoin_due is not None:
+            candidates.append((self._rejoin_due, "expiry"))
+        if st is GuestState.LOBBY and self._lobby_since is not None:
+            candidates.append((self._lobby_since + self.lobby_timeout_s, "lobby"))
+        elif st is GuestState.CONNECTING:
+            candidates.append((self._deadline_at, "deadline"))
+        if not candidates:
+            return None, ""
+        return min(candidates)
+
+    async def _poll_loop(self) -> None:
+        if self._events_url is None:
+            raise ProtocolError("no events link", step="events")
+        pending = self._start_poll(self._events_url)
+        try:
+            while self._m.state in _POLLING:
+                due, what = self._timer()
+                timeout = None if due is None else max(0.0, due - self._now())
+                self._in_poll_wait = True
+                try:
+                    waiters: set[asyncio.Future[Any]] = {pending, self._leave_now}
+                    done, _ = await asyncio.wait(
+                        waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    self._in_poll_wait = False
+                if self._leave_now.done():
+                    self._m.handle(Input.LEAVE)
+                    await self._cleanup_app()
+                    if not pending.done():  # released by the DELETE: let it finish, keep its connection
+                        await asyncio.wait({pending}, timeout=C.LEAVE_DRAIN_S)
+                    self._m.handle(Input.DELETED)
+                    return
+                if not done:
+                    self._on_timer(what)
+                    return
+                resp = pending.result()
+                body = parse_body(
+                    EventsBody,
+                    resp.body,
+                    step="events",
+                    status=resp.status,
+                    correlation_id=resp.correlation_id,
+                )
+                nxt = find_href(body.links, "next")
+                if nxt is None:
+                    for special in ("resync", "resume"):
+                        nxt = find_href(body.links, special)
+                        if nxt is not None:
+                            log_event(log, logging.INFO, f"anonjoin.poll.{special}", guest_id=self.guest_id)
+                            break
+                if nxt is None:
+                    raise ProtocolError(
+                        "event response without next/resync/resume",
+                        step="events",
+                        status=resp.status,
+                        body=resp.body,
+                    )
+                self._events_url = resolve(resp.url, nxt, step="events")
+                pending = self._start_poll(self._events_url)  # the next poll goes out before processing
+                self._process(body, resp.url)
+        finally:
+            if not pending.done():
+                pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+
+    def _on_timer(self, what: str) -> None:
+        m = self._m
+        if what == "expiry":
+            if self._can_recover():
+                self._recoveries += 1
+                self._emit("rejoining", "TokenExpiring")
+                m.handle(Input.EXPIRING, "TokenExpiring")
+                self._start_join()
+                return
+            self._rejoin_due = None
+            return
+        if what == "lobby":
+            self._error = JoinFailed("LobbyTimeout", f"not admitted within {self.lobby_timeout_s:g} s")
+            m.handle(Input.LOBBY_TIMEOUT, "LobbyTimeout")
+            return
+        self._error = JoinFailed("JoinTimeout", "the invitation did not complete within the guest deadline")
+        m.handle(Input.FAIL, "JoinTimeout")
+
+    def _process(self, body: EventsBody, base: URL) -> None:
+        outcomes = []
+        for sender in body.sender:
+            for e in sender.events:
+                emb = e.embedded.get(e.link.rel) if e.embedded else None
+                state = emb.get("state") if isinstance(emb, dict) else None
+                if state is None and isinstance(e.in_, dict):
+                    s2 = e.in_.get("state")
+                    state = s2 if isinstance(s2, str) else None
+                ce = ChannelEvent(
+                    guest_id=self.guest_id,
+                    sender=sender.rel,
+                    rel=e.link.rel,
+                    href=e.link.href,
+                    type=e.type,
+                    status=e.status,
+                    reason_code=e.reason.code if e.reason else None,
+                    reason_subcode=e.reason.subcode if e.reason else None,
+                    state=state if isinstance(state, str) else None,
+                    embedded=e.embedded,
+                )
+                self._publish(ce)
+                outcomes.append(signal_of(ce))
+        m = self._m
+        for o in settle(m.state, outcomes):
+            before = m.state
+            if o.signal is Signal.DROPPED:
+                self._emit("dropped", o.reason)
+                if self._ctx.rejoin.on_drop and self._can_recover():
+                    self._recoveries += 1
+                    m.handle(Input.DROPPED, o.reason)
+                    self._emit("rejoining", o.reason)
+                    self._app_url = None  # the service evicts it when the same asi comes back
+                    self._start_join()
+                else:
+                    self._error = JoinFailed(o.reason or "Dropped", "dropped from the meeting")
+                    m.handle(Input.FAIL, o.reason or "Dropped")
+                return
+            if o.signal is Signal.DECLINED:
+                self._error = JoinFailed(o.reason or "Failure", "the invitation failed")
+            m.handle(SIGNAL_INPUT[o.signal], o.reason)
+            if m.state is GuestState.LOBBY and before is not GuestState.LOBBY:
+                self._lobby_since = self._now()
+                self._emit("lobby", None)
+            if m.state is GuestState.JOINED and before in _NOT_JOINED_YET:
+                self._on_joined(before)
+            if m.state not in _POLLING:
+                return
+
+    def _on_joined(self, before: GuestState) -> None:
+        now = self._now()
+        if before is GuestState.LOBBY and self._lobby_since is not None:
+            self._lobby_total += now - self._lobby_since
+        self._lobby_since = None
+        rejoin = self._ever_joined
+        self.result = JoinResult(
+            guest_id=self.guest_id,
+            application_session_id=self.application_session_id,
+            conference_id=self.conference_id,
+            joined_at=self._ctx.clock.time(),
+            duration_s=now - self._join_started,
+            lobby_s=self._lobby_total,
+            steps=dict(self._stats.seconds),
+            attempts=dict(self._stats.attempts),
+            rejoin=rejoin,
+        )
+        self._ever_joined = True
+        self._recoveries = 0
+        if rejoin:
+            self.rejoins += 1
+            self._emit("rejoined", None)
+        else:
+            self._emit("joined", None)
+        if not self._joined.done():
+            self._joined.set_result(self.result)
+
+    # --- the end --------------------------------------------------------------------------------------------
+
+    async def _settle_terminal(self) -> None:
+        m = self._m
+        if m.state is GuestState.FAILED and self._error is None:
+            self._error = JoinFailed(m.reason or "Failed")
+        if m.state is not GuestState.LEFT or m.reason != "PGetReplaced":
+            await self._cleanup_app()
+        self._finish(self._error if m.state is GuestState.FAILED else None)
+
+    async def _cleanup_app(self) -> None:
+        url, grant = self._app_url, self._grant
+        if url is None or grant is None:
+            return
+        self._app_url = None
+        headers = self._guest_headers()
+
+        async def attempt(att: Attempt) -> None:
+            try:
+                await self._ctx.http.request("delete_application", "DELETE", url, att, headers=headers)
+            except ServiceError as exc:
+                if exc.status not in (404, 410):
+                    raise
+
+        pol = self._ctx.retry
+        try:  # bounded: no attempt starts after the deadline and each is clipped to the time left
+            await self._ctx.runner.run(
+                "delete_application",
+                attempt,
+                guest_id=self.guest_id,
+                deadline_at=self._now() + C.DELETE_TIMEOUT_S,
+                timeout_s=min(pol.request_timeout_s, C.DELETE_TIMEOUT_S),
+                attempts=max(pol.attempts, C.DELETE_ATTEMPTS),
+            )
+        except AnonJoinError as exc:
+            log_event(
+                log,
+                logging.INFO,
+                "anonjoin.guest.delete_failed",
+                guest_id=self.guest_id,
+                error=type(exc).__name__,
+                url=redact_url(url),
+            )
+
+    def _finish(self, error: AnonJoinError | None) -> None:
+        if self._closed.done():
+            return
+        st = self._m.state
+        kind: Literal["left", "ended", "failed"] = (
+            "ended" if st is GuestState.ENDED else "failed" if st is GuestState.FAILED else "left"
+        )
+        reason = self._m.reason
+        self.outcome = GuestOutcome(
+            guest_id=self.guest_id,
+            application_session_id=self.application_session_id,
+            kind=kind,
+            reason=reason,
+            rejoins=self.rejoins,
+            joined=self._ever_joined,
+            error=error,
+        )
+        if not self._joined.done():
+            if error is not None:
+                self._joined.set_exception(error)
+            else:
+                self._joined.set_exception(JoinFailed(reason or kind.capitalize(), f"the guest {kind}"))
+            self._joined.exception()  # retrieved: join() may never be awaited
+        self._emit(kind, reason)
+        self._closed.set_result(self.outcome)
+        for q in self._subs:
+            q.put_nowait(None)
+        self._subs.clear()
+        self._ctx.on_close(self)
+
+    def _emit(self, kind: GuestEventKind, reason: str | None) -> None:
+        ev = GuestEvent(self.guest_id, kind, reason, self.application_session_id, self._ctx.clock.time())
+        self._publish(ev)
+        self._ctx.observer.guest(ev)
+
+    def _publish(self, ev: Event) -> None:
+        for q in self._subs:
+            q.put_nowait(ev)

@@ -1,0 +1,356 @@
+"""The one request helper: the only code that touches aiohttp.
+
+Every request carries a fresh ``client-request-id``; one ``307`` is followed with the same method, body,
+``Authorization`` and ``Origin`` (to an http(s) URL only); bodies are read bounded (``MAX_BODY_BYTES``);
+any 2xx is success; an error status becomes :class:`ServiceError` (status, code, subcode, correlation id,
+``Retry-After`` in seconds, a clipped body); aiohttp/ssl/OS errors become :class:`RequestNotSentError`
+(nothing left the client) or :class:`MaybeSentError` (it may have been processed), with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from anonjoin import _constants as C
+from anonjoin._events import Step, log_event
+from anonjoin._exceptions import (
+    ConfigurationError,
+    MaybeSentError,
+    ProtocolError,
+    RequestNotSentError,
+    ServiceError,
+    redact_url,
+)
+from anonjoin._models import parse_error_body
+from anonjoin._protocol import FINAL_ATTR
+from anonjoin._retry import Attempt
+
+log = logging.getLogger("anonjoin.http")
+
+_CORRELATION = ("X-MS-Correlation-Id", "X-Ms-Correlation-Id", "ms-cv", "x-ms-request-id")
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    url: URL
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    client_request_id: str
+    correlation_id: str | None
+
+
+_ids = random.Random()
+_getrandbits = _ids.getrandbits
+
+
+def request_id() -> str:
+    """A GUID-shaped ``client-request-id`` (correlation only, not a secret: no need for uuid4's urandom)."""
+    h = f"{_getrandbits(128) | (1 << 127):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def make_ssl_context(ca_file: str | None, verify_tls: bool) -> ssl.SSLContext:
+    """TLS verified by default: the given CA file, else the system's default trust store."""
+    if not verify_tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        log_event(log, logging.WARNING, "anonjoin.tls.insecure", "TLS verification is OFF (verify_tls=False)")
+        return ctx
+    try:
+        return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot load CA file {ca_file!r}: {exc}") from exc
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date (never negative)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:  # pragma: no cover - older Pythons
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class HttpClient:
+    """One connection pool. Ordinary requests take one of ``max_connections`` slots; parked event polls
+    do not count (each held guest keeps one poll parked, so a cap there would starve the joins), but they
+    share the pool, so a connection freed by a poll serves the next request.
+    """
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        max_connections: int,
+        user_agent: str,
+        connect_timeout_s: float,
+        max_body: int = C.MAX_BODY_BYTES,
+    ) -> None:
+        if max_connections < 1:
+            raise ConfigurationError("max_connections must be at least 1")
+        self._ssl = ssl_context
+        self._slots = asyncio.Semaphore(max_connections)
+        self._user_agent = user_agent
+        self._connect_timeout = connect_timeout_s
+        self.max_body = max_body
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._closed = False
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, ssl=self._ssl)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                trust_env=False,
+                headers={"User-Agent": self._user_agent, "Accept": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            )
+        return self._session
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        t = self._timeouts.get(seconds)
+        if t is None:
+            # One timer per request (``total``); a ``sock_read`` timer would be re-armed on every chunk read.
+            t = aiohttp.ClientTimeout(
+                total=seconds + self._connect_timeout, sock_connect=self._connect_timeout
+            )
+            if len(self._timeouts) < 64:
+                self._timeouts[seconds] = t
+        return t
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    async def request(
+        self,
+        step: Step,
+        method: str,
+        url: URL,
+        attempt: Attempt,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        poll: bool = False,
+    ) -> Response:
+        """Send one request (following one 307) and return a 2xx response, or raise a typed error."""
+        crid = request_id()
+        attempt.client_request_id = crid
+        hdrs = {"client-request-id": crid}
+        if headers:
+            hdrs.update(headers)
+        if body is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        slots = None if poll else self._slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            session = self.session()
+            timeout = self._timeout(attempt.timeout_s)
+            target = url
+            debug = log.isEnabledFor(logging.DEBUG)
+            for hop in range(2):
+                if debug:
+                    log_event(
+                        log,
+                        logging.DEBUG,
+                        "anonjoin.http.request",
+                        method=method,
+                        url=redact_url(target),
+                        step=step,
+                        client_request_id=crid,
+                    )
+                try:
+                    async with session.request(
+                        method, target, headers=hdrs, data=body, allow_redirects=False, timeout=timeout
+                    ) as resp:
+                        status = resp.status
+                        corr = _correlation(resp.headers)
+                        attempt.status, attempt.correlation_id = status, corr
+                        if 300 <= status < 400 and status not in (304,):
+                            if status not in (307, 308) or hop > 0:
+                                raise ProtocolError(
+                                    "unexpected redirect" if hop == 0 else "more than one redirect",
+                                    step=step,
+                                    status=status,
+                                    correlation_id=corr,
+                                )
+                            location = resp.headers.get("Location")
+                            if not location:
+                                raise ProtocolError(
+                                    "307 without Location", step=step, status=status, correlation_id=corr
+                                )
+                            target = _redirect_target(target, location, step)
+                            log_event(
+                                log,
+                                logging.DEBUG,
+                                "anonjoin.http.redirect",
+                                step=step,
+                                url=redact_url(target),
+                                client_request_id=crid,
+                            )
+                            continue
+                        data = await self._read(resp, step, corr)
+                        if 200 <= status < 300:
+                            return Response(status, resp.url, resp.headers, data, crid, corr)
+                        raise _service_error(step, status, resp.headers, data, target, crid, corr)
+                except (ServiceError, ProtocolError):
+                    raise
+                except aiohttp.ClientConnectorCertificateError as exc:  # retrying will not fix it
+                    err = RequestNotSentError(
+                        f"TLS certificate not trusted: {exc.certificate_error}", step=step, url=target
+                    )
+                    setattr(err, FINAL_ATTR, True)  # read by anonjoin._protocol.classify
+                    raise err from exc
+                except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
+                    raise RequestNotSentError(
+                        f"{type(exc).__name__}: {exc.os_error or exc}", step=step, url=target
+                    ) from exc
+                except aiohttp.ConnectionTimeoutError as exc:
+                    raise RequestNotSentError("connect timeout", step=step, url=target) from exc
+                except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                    raise MaybeSentError("read timeout", step=step, url=target) from exc
+                except (
+                    aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ClientOSError,
+                ) as exc:
+                    reason = f"{type(exc).__name__}: connection lost"
+                    raise MaybeSentError(reason, step=step, url=target) from exc
+                except aiohttp.InvalidURL as exc:
+                    raise ProtocolError(f"invalid URL {redact_url(target)!r}", step=step) from exc
+                except aiohttp.ClientResponseError as exc:
+                    raise MaybeSentError(
+                        f"bad response: {exc.status} {exc.message}", step=step, url=target
+                    ) from exc
+                except aiohttp.ClientError as exc:
+                    raise MaybeSentError(f"{type(exc).__name__}", step=step, url=target) from exc
+                except ssl.SSLError as exc:
+                    raise RequestNotSentError(f"TLS: {exc.reason}", step=step, url=target) from exc
+            raise ProtocolError("more than one redirect", step=step, status=307)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _read(self, resp: aiohttp.ClientResponse, step: Step, corr: str | None) -> bytes:
+        limit = self.max_body
+        length = resp.content_length
+        if length is not None and length <= limit:
+            return await resp.read()  # exactly Content-Length bytes
+        if length is not None:
+            raise ProtocolError(
+                f"response body of {length} bytes exceeds {limit}",
+                step=step,
+                status=resp.status,
+                correlation_id=corr,
+            )
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = await resp.content.read(65536)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ProtocolError(
+                    f"response body exceeds {limit} bytes", step=step, status=resp.status, correlation_id=corr
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _correlation(headers: Mapping[str, str]) -> str | None:
+    for name in _CORRELATION:
+        v = headers.get(name)
+        if v:
+            return v[:100]
+    return None
+
+
+def _redirect_target(current: URL, location: str, step: Step) -> URL:
+    try:
+        target = current.join(URL(location))
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError("unusable redirect Location", step=step, status=307) from exc
+    if target.scheme not in ("http", "https") or not target.host:
+        raise ProtocolError(
+            f"refusing a redirect off http(s) to {redact_url(location)[:60]!r}", step=step, status=307
+        )
+    return target
+
+
+def _service_error(
+    step: Step, status: int, headers: Mapping[str, str], body: bytes, url: URL, crid: str, corr: str | None
+) -> ServiceError:
+    err = parse_error_body(body)
+    code = err.code if err else None
+    subcode = err.subcode if err else None
+    warning = headers.get("Warning")
+    diag = headers.get("X-Ms-diagnostics")
+    if (
+        subcode is None
+        and status == 403
+        and ((warning and "InvalidToken" in warning) or (diag and diag.lstrip().startswith("28055")))
+    ):
+        subcode = "InvalidToken"
+    if code is None:
+        code = _CODES.get(status)
+    return ServiceError(
+        step=step,
+        status=status,
+        code=code,
+        subcode=subcode,
+        message=err.message if err else None,
+        correlation_id=corr,
+        client_request_id=crid,
+        retry_after=parse_retry_after(headers.get("Retry-After")),
+        body=body,
+        url=url,
+        warning=warning,
+    )
+
+
+_CODES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    408: "ClientTimeout",
+    409: "Conflict",
+    410: "Gone",
+    412: "PreConditionFailed",
+    413: "EntityTooLarge",
+    415: "UnsupportedMediaType",
+    429: "TooManyRequests",
+    500: "ServiceFailure",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}

@@ -1,0 +1,381 @@
+"""Load-test metrics, fed by the client's hooks and by the runner. Cheap per event: this is the hot path.
+
+What is measured (all latencies kept in HDR histograms, microsecond resolution, 3 significant digits):
+
+- ``steps``: each step's latency per successful attempt (``StepEvent`` with ``outcome == "ok"``); failed
+  attempts are counted in ``step_errors``, retried ones in ``retries`` by (step, reason). The ``events``
+  step is the long poll: its latency is how long the server held the poll, not a service delay.
+- ``join``: arrival -> joined for a guest's first join, *without* the time spent in the lobby. Arrival is
+  the moment the schedule let the guest arrive, so time spent queueing for a concurrency slot counts (an
+  open model: a slow service cannot hide its latency by slowing the arrivals down).
+- ``lobby``: the lobby wait of guests that had one; ``queue``: arrival -> the guest's first request;
+  ``rejoin``: how long each rejoin took (from the client's ``JoinResult``).
+- Counters: arrivals, final outcomes (joined / failed by reason / ended / cancelled), drops, rejoins,
+  retries by reason, live gauges (joined now, in the lobby now, joins in flight).
+- Throughput over time: per-second buckets (joins, failures, rejoins, retries, latency sum and max) and a
+  bounded, seeded sample of (time, join latency) points for the report's scatter plot.
+
+Nothing here awaits or logs; every method is O(1) amortised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from hdrh.histogram import HdrHistogram
+
+from anonjoin._events import GuestEvent, Hooks, StepEvent
+
+__all__ = ["FinalOutcome", "LatencyHistogram", "Metrics", "Progress", "SecondBucket"]
+
+FinalOutcome = Literal["joined", "failed", "ended", "cancelled"]
+
+_LOWEST_US = 1
+_HIGHEST_US = 3_600_000_000  # one hour
+_SIGNIFICANT = 3
+SCATTER_SAMPLES = 4000
+"""At most this many (time, join latency) points are kept for the report's scatter plot."""
+
+
+class LatencyHistogram:
+    """An HDR histogram of durations. Records seconds; answers milliseconds."""
+
+    __slots__ = ("_h", "count")
+
+    def __init__(self) -> None:
+        self._h = HdrHistogram(_LOWEST_US, _HIGHEST_US, _SIGNIFICANT)
+        self.count = 0
+
+    def record(self, seconds: float) -> None:
+        us = int(seconds * 1_000_000)
+        if us < _LOWEST_US:
+            us = _LOWEST_US
+        elif us > _HIGHEST_US:
+            us = _HIGHEST_US
+        self._h.record_value(us)
+        self.count += 1
+
+    def percentile_ms(self, q: float) -> float | None:
+        """The ``q``-th percentile (0..100) in ms, or ``None`` when nothing was recorded."""
+        if not self.count:
+            return None
+        if q >= 100:
+            return float(self._h.get_max_value()) / 1000.0
+        return float(self._h.get_value_at_percentile(q)) / 1000.0
+
+    def max_ms(self) -> float | None:
+        return float(self._h.get_max_value()) / 1000.0 if self.count else None
+
+    def mean_ms(self) -> float | None:
+        return float(self._h.get_mean_value()) / 1000.0 if self.count else None
+
+    def summary(self, percentiles: Iterable[float] = (50, 90, 99)) -> dict[str, float | int | None]:
+        out: dict[str, float | int | None] = {"count": self.count}
+        for q in percentiles:
+            out[f"p{q:g}"] = _round(self.percentile_ms(q))
+        out["max"] = _round(self.max_ms())
+        out["mean"] = _round(self.mean_ms())
+        return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+@dataclasses.dataclass(slots=True)
+class SecondBucket:
+    """What happened in one second of the run (second ``n`` covers [n, n+1) s after the start)."""
+
+    joins: int = 0
+    failures: int = 0
+    rejoins: int = 0
+    retries: int = 0
+    drops: int = 0
+    join_ms_sum: float = 0.0
+    join_ms_max: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """A cheap snapshot of the live counters, for progress displays."""
+
+    elapsed_s: float
+    guests: int
+    arrived: int
+    in_flight: int
+    joined: int
+    join_failures: int
+    """First joins that did not succeed (the guest's final outcome may be failed or ended)."""
+    joined_now: int
+    in_lobby: int
+    failed: int
+    ended: int
+    cancelled: int
+    retries: int
+    rejoins: int
+    drops: int
+    joins_per_s: float
+    """Over the last few seconds (0 before the first join)."""
+
+
+class Metrics:
+    """Everything a load run measures. Feed it with :meth:`hooks` plus the runner's ``guest_*`` calls."""
+
+    def __init__(
+        self,
+        *,
+        guests: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int = 0,
+        scatter_samples: int = SCATTER_SAMPLES,
+    ) -> None:
+        self._clock = clock
+        self.t0 = clock()
+        self.t_end: float | None = None
+        self.guests = guests
+        self.steps: dict[str, LatencyHistogram] = {}
+        self.step_errors: Counter[str] = Counter()
+        self.retries: Counter[tuple[str, str]] = Counter()
+        self.join = LatencyHistogram()
+        self.lobby = LatencyHistogram()
+        self.queue = LatencyHistogram()
+        self.rejoin = LatencyHistogram()
+        self.arrived = 0
+        self.in_flight = 0
+        self.outcomes: Counter[str] = Counter()
+        self.failures_by_reason: Counter[str] = Counter()
+        self.rejoins = 0
+        self.rejoin_attempts = 0
+        self.drops = 0
+        self.drops_by_reason: Counter[str] = Counter()
+        self.first_joins = 0
+        self.join_failures = 0
+        self.last_join_s = 0.0
+        """Seconds from the start to the latest first join (the end of the join phase)."""
+        self.leave_errors = 0
+        self._joined_now: set[str] = set()
+        self._in_lobby: set[str] = set()
+        self.seconds: list[SecondBucket] = []
+        self.scatter: list[tuple[float, float]] = []
+        self._scatter_cap = scatter_samples
+        self._scatter_seen = 0
+        self._rng = random.Random(seed)
+        self.guest_listener: Callable[[GuestEvent], None] | None = None
+        """Called after each guest event is counted (the runner uses it to wait for a rejoin to settle)."""
+
+    # -- hooks (called by the client on the event loop) ------------------------------------------------------
+
+    def hooks(self, chain: Hooks | None = None) -> Hooks:
+        """Hooks that feed these metrics, then call ``chain``'s hooks (if any)."""
+        if chain is None or (chain.on_step is None and chain.on_guest is None):
+            return Hooks(on_step=self.on_step, on_guest=self.on_guest)
+        user_step, user_guest = chain.on_step, chain.on_guest
+
+        def on_step(ev: StepEvent) -> None:
+            self.on_step(ev)
+            if user_step is not None:
+                user_step(ev)
+
+        def on_guest(ev: GuestEvent) -> None:
+            self.on_guest(ev)
+            if user_guest is not None:
+                user_guest(ev)
+
+        return Hooks(on_step=on_step, on_guest=on_guest)
+
+    def on_step(self, ev: StepEvent) -> None:
+        if ev.phase != "end":
+            return
+        outcome = ev.outcome
+        if outcome == "ok":
+            hist = self.steps.get(ev.step)
+            if hist is None:
+                hist = self.steps[ev.step] = LatencyHistogram()
+            if ev.duration_s is not None:
+                hist.record(ev.duration_s)
+        elif outcome == "retry":
+            self.retries[(ev.step, ev.retry_reason or "unknown")] += 1
+            self._bucket().retries += 1
+        else:
+            self.step_errors[ev.step] += 1
+
+    def on_guest(self, ev: GuestEvent) -> None:
+        kind = ev.kind
+        gid = ev.guest_id
+        if kind == "lobby":
+            self._in_lobby.add(gid)
+        elif kind == "joined" or kind == "rejoined":
+            self._in_lobby.discard(gid)
+            self._joined_now.add(gid)
+            if kind == "rejoined":
+                self.rejoins += 1
+                self._bucket().rejoins += 1
+        elif kind == "dropped":
+            self._joined_now.discard(gid)
+            self._in_lobby.discard(gid)
+            self.drops += 1
+            self.drops_by_reason[ev.reason or "unknown"] += 1
+            self._bucket().drops += 1
+        elif kind == "rejoining":
+            self.rejoin_attempts += 1
+            self._joined_now.discard(gid)
+        else:  # failed, ended, left
+            self._joined_now.discard(gid)
+            self._in_lobby.discard(gid)
+        if self.guest_listener is not None:
+            self.guest_listener(ev)
+
+    # -- the runner's calls ----------------------------------------------------------------------------------
+
+    def guest_arrived(self) -> None:
+        self.arrived += 1
+
+    def guest_started(self, queued_s: float) -> None:
+        """A guest got its concurrency slot ``queued_s`` after it arrived."""
+        self.in_flight += 1
+        self.queue.record(queued_s)
+
+    def guest_joined(self, guest_id: str, latency_s: float, lobby_s: float) -> None:
+        """A guest's first join: ``latency_s`` is arrival -> joined, lobby included (it is taken out here)."""
+        self.in_flight -= 1
+        self.first_joins += 1
+        self._in_lobby.discard(guest_id)
+        self._joined_now.add(guest_id)
+        net = max(latency_s - lobby_s, 0.0)
+        self.join.record(net)
+        if lobby_s > 0:
+            self.lobby.record(lobby_s)
+        ms = net * 1000.0
+        now = self._clock() - self.t0
+        self.last_join_s = now
+        bucket = self._bucket()
+        bucket.joins += 1
+        bucket.join_ms_sum += ms
+        if ms > bucket.join_ms_max:
+            bucket.join_ms_max = ms
+        # Reservoir sampling (algorithm R) keeps a uniform, bounded, seeded sample for the scatter plot.
+        self._scatter_seen += 1
+        if len(self.scatter) < self._scatter_cap:
+            self.scatter.append((now, ms))
+        else:
+            j = self._rng.randrange(self._scatter_seen)
+            if j < self._scatter_cap:
+                self.scatter[j] = (now, ms)
+
+    def guest_join_failed(self, guest_id: str, *, cancelled: bool = False) -> None:
+        """A guest's first join did not succeed (its final outcome follows through :meth:`guest_final`)."""
+        self.in_flight -= 1
+        self._in_lobby.discard(guest_id)
+        if not cancelled:
+            self.join_failures += 1
+            self._bucket().failures += 1
+
+    def rejoin_took(self, seconds: float) -> None:
+        self.rejoin.record(seconds)
+
+    def guest_final(self, guest_id: str, outcome: FinalOutcome, reason: str | None = None) -> None:
+        """How a guest ended the run. Called exactly once per guest."""
+        self.outcomes[outcome] += 1
+        if outcome in ("failed", "ended"):
+            self.failures_by_reason[reason or "unknown"] += 1
+        self._in_lobby.discard(guest_id)
+        if outcome != "joined":
+            self._joined_now.discard(guest_id)
+
+    def start(self, t0: float | None = None) -> None:
+        """Start the run's clock now (or at ``t0``): time buckets count from here. Setup before it (the
+        AAD token, discovery, meetings) keeps its step timings but not its place on the time line."""
+        self.t0 = self._clock() if t0 is None else t0
+        self.seconds.clear()
+
+    def finish(self) -> None:
+        """Stop the clock (the run's duration ends here)."""
+        if self.t_end is None:
+            self.t_end = self._clock()
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def _bucket(self) -> SecondBucket:
+        second = int(self._clock() - self.t0)
+        seconds = self.seconds
+        while len(seconds) <= second:
+            seconds.append(SecondBucket())
+        return seconds[second]
+
+    @property
+    def duration_s(self) -> float:
+        end = self.t_end if self.t_end is not None else self._clock()
+        return max(end - self.t0, 0.0)
+
+    @property
+    def retries_by_reason(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for (_step, reason), n in self.retries.items():
+            out[reason] += n
+        return out
+
+    @property
+    def retries_by_step(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for (step, _reason), n in self.retries.items():
+            out[step] += n
+        return out
+
+    def target(self, name: str) -> LatencyHistogram | None:
+        """The histogram called ``name``: ``join``, ``lobby``, ``queue``, ``rejoin`` or a step name."""
+        fixed = {"join": self.join, "lobby": self.lobby, "queue": self.queue, "rejoin": self.rejoin}
+        if name in fixed:
+            return fixed[name]
+        return self.steps.get(name)
+
+    def progress(self, window_s: float = 5.0) -> Progress:
+        elapsed = self.duration_s
+        now_second = int(elapsed)
+        # Joins per second over the last complete seconds of the window (the current one is partial).
+        lo = max(0, now_second - int(window_s))
+        span = self.seconds[lo:now_second]
+        if span:
+            rate = sum(b.joins for b in span) / len(span)
+        elif elapsed > 0:
+            rate = self.first_joins / elapsed
+        else:
+            rate = 0.0
+        return Progress(
+            elapsed_s=elapsed,
+            guests=self.guests,
+            arrived=self.arrived,
+            in_flight=self.in_flight,
+            joined=self.first_joins,
+            join_failures=self.join_failures,
+            joined_now=len(self._joined_now),
+            in_lobby=len(self._in_lobby),
+            failed=self.outcomes["failed"],
+            ended=self.outcomes["ended"],
+            cancelled=self.outcomes["cancelled"],
+            retries=sum(self.retries.values()),
+            rejoins=self.rejoins,
+            drops=self.drops,
+            joins_per_s=rate,
+        )
+
+    @property
+    def joined_now(self) -> int:
+        return len(self._joined_now)
+
+    @property
+    def in_lobby(self) -> int:
+        return len(self._in_lobby)
+
+
+def percentile_ms(hist: LatencyHistogram | None, q: float) -> float:
+    """``hist``'s q-th percentile in ms; NaN when there is no data (every comparison with NaN is false)."""
+    if hist is None:
+        return math.nan
+    value = hist.percentile_ms(q)
+    return math.nan if value is None else value

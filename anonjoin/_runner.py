@@ -1,0 +1,694 @@
+"""The load runner: many guests through one :class:`anonjoin.Client`, on a schedule, held, then left.
+
+How a run goes:
+
+1. Every guest gets its id (``{prefix}{n}``) and its applicationSessionId from the session store first, in
+   one batch (a known guest keeps its id: protocol.md §7), and a meeting (round robin over ``meeting_urls``).
+2. Arrivals: with no schedule, a guest arrives whenever a join slot is free (a closed model: as fast as
+   ``concurrency`` allows). With a schedule (:class:`ConstantRate`, :class:`LinearRamp`, :class:`Steps`,
+   :class:`RateFunction`), guests arrive on time and wait for a slot if all are busy (an open model: the
+   wait counts in the join latency, so a slow service cannot hide behind slow arrivals).
+3. A slot (a semaphore of ``concurrency``) is held from the guest's first request until it is joined or
+   has failed; then the guest stays ``hold_s`` seconds with its poll parked (the client keeps it alive and
+   rejoins it per its :class:`anonjoin.RejoinPolicy`; the runner only counts), then leaves.
+4. :meth:`LoadRunner.cancel` (the CLI calls it on Ctrl-C / SIGTERM) stops arrivals, gives the joins in
+   flight ``STOP_GRACE_S`` to finish and then cancels them (the client deletes what they created), makes
+   every held guest leave now, and returns normally with ``interrupted=True``: guests that never arrived
+   or were cut off mid-join are ``cancelled``.
+
+Every guest ends in exactly one :class:`~anonjoin._report.GuestRecord`: ``joined`` (joined, and never
+failed for good), ``failed`` with the client's final reason, ``ended`` (its meeting ended: not a failure of
+the client), or ``cancelled``. The outcomes are written back to the store in one batch at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from anonjoin._client import Client
+from anonjoin._events import GuestEvent, Hooks
+from anonjoin._exceptions import (
+    AnonJoinError,
+    AuthError,
+    ConfigurationError,
+    JoinFailed,
+    ProtocolError,
+    ServiceError,
+    StoreError,
+    TransportError,
+)
+from anonjoin._guest import Guest
+from anonjoin._metrics import Metrics
+from anonjoin._protocol import TERMINAL, GuestState
+from anonjoin._report import GuestRecord
+from anonjoin._retry import RejoinPolicy, RetryPolicy
+from anonjoin._service import CredentialLike
+from anonjoin._store import MemorySessionStore, NewSession, Outcome, SessionStore
+
+__all__ = [
+    "ArrivalSchedule",
+    "ConstantRate",
+    "LinearRamp",
+    "LoadPlan",
+    "LoadResult",
+    "LoadRunner",
+    "RateFunction",
+    "Steps",
+    "check_against_service",
+    "conference_of",
+    "failure_reason",
+    "parse_ramp",
+    "pool_size",
+    "run_load",
+]
+
+STORE_BATCH = 1000
+LEAVE_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+ENDED_BEFORE_JOIN = "DestinationNotFound (meeting ended)"
+"""After a stop, a join in flight gets this long to finish before it is cancelled; at the end of a hold, a
+rejoin in flight gets this long to settle before the guest leaves."""
+MAX_SCHEDULE_S = 7 * 24 * 3600.0
+
+
+# -- arrival schedules -----------------------------------------------------------------------------
+
+
+class ArrivalSchedule(Protocol):
+    """When guests arrive: ``times(n)`` yields ``n`` non-decreasing offsets (seconds from the start)."""
+
+    def times(self, n: int) -> Iterator[float]: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConstantRate:
+    """``rate`` guests per second."""
+
+    rate: float
+
+    def __post_init__(self) -> None:
+        if not (self.rate > 0 and math.isfinite(self.rate)):
+            raise ConfigurationError(f"the arrival rate must be a positive number, got {self.rate!r}")
+
+    def times(self, n: int) -> Iterator[float]:
+        return (i / self.rate for i in range(n))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinearRamp:
+    """From ``start`` to ``end`` guests per second over ``over_s`` seconds, then ``end``."""
+
+    start: float
+    end: float
+    over_s: float
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.end <= 0 or self.over_s <= 0:
+            raise ConfigurationError("a ramp needs start >= 0, end > 0 and a duration > 0")
+
+    def times(self, n: int) -> Iterator[float]:
+        a, b, t_end = self.start, self.end, self.over_s
+        slope = (b - a) / t_end
+        ramp_count = (a + b) / 2 * t_end  # guests that arrive during the ramp
+        for i in range(n):
+            if i < ramp_count:
+                # Solve a*t + slope*t^2/2 = i for t in [0, t_end].
+                if abs(slope) < 1e-12:
+                    yield i / a
+                else:
+                    disc = a * a + 2 * slope * i
+                    yield (-a + math.sqrt(max(disc, 0.0))) / slope
+            else:
+                yield t_end + (i - ramp_count) / b
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Steps:
+    """Piecewise constant: ``[(rate, duration_s), ...]``; the last rate holds on after its duration."""
+
+    steps: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ConfigurationError("a step schedule needs at least one step")
+        if any(r < 0 or d <= 0 for r, d in self.steps) or self.steps[-1][0] <= 0:
+            raise ConfigurationError("step rates must be >= 0 (the last > 0) and durations > 0")
+
+    def times(self, n: int) -> Iterator[float]:
+        emitted = 0
+        t0 = 0.0
+        expected = 0.0  # arrivals the schedule owes by the start of the current step
+        for k, (rate, dur) in enumerate(self.steps):
+            last = k == len(self.steps) - 1
+            while emitted < n and rate > 0:
+                offset = max((emitted - expected) / rate, 0.0)
+                if not last and offset >= dur:
+                    break
+                yield t0 + offset
+                emitted += 1
+            if emitted >= n:
+                return
+            expected += rate * dur
+            t0 += dur
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RateFunction:
+    """A user function of time: ``rate(t)`` guests per second at ``t`` seconds from the start."""
+
+    rate: Callable[[float], float]
+    resolution_s: float = 0.01
+
+    def times(self, n: int) -> Iterator[float]:
+        t = 0.0
+        total = 0.0
+        emitted = 0
+        dt = self.resolution_s
+        while emitted < n:
+            if t > MAX_SCHEDULE_S:
+                raise ConfigurationError("the arrival rate function gave too few guests in a week")
+            r = self.rate(t)
+            if not (r >= 0 and math.isfinite(r)):
+                raise ConfigurationError(f"the arrival rate function returned {r!r} at t={t:g}s")
+            nxt = total + r * dt
+            while emitted < n and nxt > emitted - 1e-12 and r > 0:
+                # Linear interpolation within the slice.
+                yield t + max(emitted - total, 0.0) / r
+                emitted += 1
+            total = nxt
+            t += dt
+
+
+def parse_ramp(spec: str) -> ArrivalSchedule:
+    """``A..B/T`` (linear from A to B guests/s over T seconds) or ``R1:T1,R2:T2,...,Rn`` (steps).
+
+    Durations take an optional ``s`` suffix. Examples: ``10..200/30s``; ``20:10s,50:10s,100``.
+    """
+    text = spec.strip().replace(" ", "")
+    try:
+        if ".." in text:
+            rates, _, over = text.partition("/")
+            lo, _, hi = rates.partition("..")
+            if not over:
+                raise ValueError("missing /DURATION")
+            return LinearRamp(float(lo), float(hi), _seconds(over))
+        parts = [p for p in text.split(",") if p]
+        if not parts:
+            raise ValueError("empty")
+        steps: list[tuple[float, float]] = []
+        for i, part in enumerate(parts):
+            rate, _, dur = part.partition(":")
+            if not dur:
+                if i != len(parts) - 1:
+                    raise ValueError(f"step {part!r} needs a duration (RATE:SECONDS)")
+                steps.append((float(rate), 1.0))
+            else:
+                steps.append((float(rate), _seconds(dur)))
+        return Steps(tuple(steps))
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--ramp {spec!r}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"--ramp {spec!r}: {exc} "
+            "(write A..B/SECONDS for a linear ramp, or RATE:SECONDS,...,RATE for steps)"
+        ) from None
+
+
+def _seconds(text: str) -> float:
+    value = float(text.removesuffix("s"))
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"duration {text!r} must be > 0")
+    return value
+
+
+# -- the plan and the result -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPlan:
+    """What to run. ``display_name`` may contain ``{n}`` (the guest's number, from 1)."""
+
+    guests: int
+    meeting_urls: Sequence[str]
+    origin: str
+    concurrency: int = 50
+    schedule: ArrivalSchedule | None = None
+    hold_s: float = 0.0
+    display_name: str = "anonjoin guest {n}"
+    guest_prefix: str = "guest-"
+    lobby_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.guests < 0:
+            raise ConfigurationError("guests must be >= 0")
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency must be >= 1")
+        if not self.meeting_urls:
+            raise ConfigurationError("at least one meeting URL is needed")
+        if self.hold_s < 0 or not math.isfinite(self.hold_s):
+            raise ConfigurationError("hold must be a finite number of seconds >= 0")
+
+    def guest_id(self, n: int) -> str:
+        width = max(4, len(str(self.guests)))
+        return f"{self.guest_prefix}{n:0{width}d}"
+
+    def name(self, n: int) -> str:
+        return self.display_name.replace("{n}", str(n))
+
+
+@dataclasses.dataclass
+class LoadResult:
+    """How a run ended: one record per guest (in guest order), the metrics, and whether it was cut short."""
+
+    guests: list[GuestRecord]
+    metrics: Metrics
+    started_at: float
+    interrupted: bool
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Problems that did not stop the run (the store could not record the outcomes, for example)."""
+
+
+def pool_size(concurrency: int) -> int:
+    """Connections for a run: one per join in flight, plus room for leaves and rejoins."""
+    return max(concurrency + max(concurrency // 4, 8), 16)
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Slot:
+    guest_id: str
+    asi: str
+    meeting_url: str
+    n: int
+    record: GuestRecord | None = None
+
+
+class LoadRunner:
+    """Runs ``plan`` through ``client``. Give the client ``hooks=metrics.hooks()`` for step metrics."""
+
+    def __init__(
+        self,
+        client: Client,
+        plan: LoadPlan,
+        *,
+        metrics: Metrics | None = None,
+        store: SessionStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.plan = plan
+        self.metrics = metrics if metrics is not None else Metrics(guests=plan.guests)
+        self.metrics.guests = plan.guests
+        self.store: SessionStore = store if store is not None else MemorySessionStore()
+        self._clock = clock
+        self._stop: asyncio.Future[None] | None = None
+        self._interrupted = False
+        self._slots: list[_Slot] = []
+        self._settling: dict[str, asyncio.Future[None]] = {}
+        self._ended_meetings: set[str] = set()
+        self.metrics.guest_listener = self._on_guest_event
+
+    def _on_guest_event(self, ev: GuestEvent) -> None:
+        if ev.kind in ("joined", "rejoined", "failed", "ended", "left"):
+            waiter = self._settling.pop(ev.guest_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def cancel(self) -> None:
+        """Stop the run: no more arrivals, joins in flight cancelled, held guests leave now. Idempotent."""
+        self._interrupted = True
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._interrupted
+
+    async def run(self) -> LoadResult:
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        if self._interrupted:
+            self._stop.set_result(None)
+        started_at = time.time()
+        plan = self.plan
+        self._slots = await self._assign()
+        sem = asyncio.Semaphore(plan.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            await self._arrivals(sem, tasks)
+            while tasks:
+                await asyncio.wait(set(tasks))
+        finally:
+            # Only reached early by our own cancellation (or a bug): leave no task behind.
+            if tasks:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        for slot in self._slots:
+            if slot.record is None:
+                self._final(slot, "cancelled", "not started", 0)
+        self._settle_ended_meetings()
+        records = [s.record for s in self._slots if s.record is not None]
+        self.metrics.finish()
+        warnings: list[str] = []
+        try:
+            await self._save_outcomes(records)
+        except StoreError as exc:
+            # The ids were saved before the run; only the outcomes are missing. The report still has them.
+            warnings.append(f"the session store did not record the outcomes: {exc}")
+        return LoadResult(records, self.metrics, started_at, self._interrupted, warnings)
+
+    def _settle_ended_meetings(self) -> None:
+        """A join refused with DestinationNotFound by a meeting that ended during the run is "ended" too.
+
+        :meth:`_final` does this as it goes once a meeting is known to have ended; this pass catches the
+        guests refused before any guest of that meeting reported ``Ended``.
+        """
+        ended = {s.meeting_url for s in self._slots if s.record is not None and s.record.outcome == "ended"}
+        for slot in self._slots:
+            rec = slot.record
+            if (
+                rec is not None
+                and rec.outcome == "failed"
+                and slot.meeting_url in ended
+                and (rec.reason or "").startswith("DestinationNotFound")
+            ):
+                slot.record = dataclasses.replace(rec, outcome="ended", reason=ENDED_BEFORE_JOIN)
+                self.metrics.outcomes["failed"] -= 1
+                self.metrics.outcomes["ended"] += 1
+
+    async def _assign(self) -> list[_Slot]:
+        plan = self.plan
+        urls = list(plan.meeting_urls)
+        slots: list[_Slot] = []
+        for lo in range(0, plan.guests, STORE_BATCH):
+            batch = [
+                NewSession(plan.guest_id(n), urls[(n - 1) % len(urls)], plan.origin, plan.name(n))
+                for n in range(lo + 1, min(lo + STORE_BATCH, plan.guests) + 1)
+            ]
+            for new, rec in zip(batch, await self.store.get_or_create_many(batch), strict=True):
+                slots.append(_Slot(rec.guest_id, rec.application_session_id, new.meeting_url, len(slots) + 1))
+        return slots
+
+    async def _save_outcomes(self, records: Sequence[GuestRecord]) -> None:
+        outcomes = [
+            Outcome(r.guest_id, r.outcome if r.reason is None else f"{r.outcome}: {r.reason}", r.rejoins)
+            for r in records
+        ]
+        for lo in range(0, len(outcomes), STORE_BATCH):
+            await self.store.record_outcomes(outcomes[lo : lo + STORE_BATCH])
+
+    # -- arrivals ----------------------------------------------------------------------------------
+
+    async def _wait_stop(self, delay: float) -> bool:
+        """Wait up to ``delay`` seconds for a stop; True if stopped."""
+        assert self._stop is not None
+        if self._stop.done():
+            return True
+        if delay <= 0:
+            return False
+        await asyncio.wait({self._stop}, timeout=delay)
+        return self._stop.done()
+
+    async def _acquire(self, sem: asyncio.Semaphore) -> bool:
+        """Take a join slot, unless the run stops first (False)."""
+        assert self._stop is not None
+        if self._stop.done():
+            return False
+        if not sem.locked():
+            await sem.acquire()
+            return True
+        acquire = asyncio.ensure_future(sem.acquire())
+        waits: set[asyncio.Future[Any]] = {acquire, self._stop}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if acquire.done():
+            if self._stop.done():
+                sem.release()
+                return False
+            return True
+        acquire.cancel()
+        await asyncio.gather(acquire, return_exceptions=True)
+        if not acquire.cancelled():
+            sem.release()  # it was granted while we cancelled it
+        return False
+
+    async def _arrivals(self, sem: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+        plan = self.plan
+        t0 = self._clock()
+        self.metrics.start(t0)
+        times: Iterator[float] | None = plan.schedule.times(plan.guests) if plan.schedule else None
+        for slot in self._slots:
+            if times is None:
+                if not await self._acquire(sem):
+                    return
+                arrived = self._clock()
+                held = True
+            else:
+                due = t0 + next(times)
+                if await self._wait_stop(due - self._clock()):
+                    return
+                arrived = self._clock()
+                held = False
+            self.metrics.guest_arrived()
+            task = asyncio.create_task(self._guest(slot, sem, arrived, held), name=f"anonjoin-load-{slot.n}")
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    # -- one guest ---------------------------------------------------------------------------------
+
+    async def _guest(self, slot: _Slot, sem: asyncio.Semaphore, arrived: float, held: bool) -> None:
+        m = self.metrics
+        if not held and not await self._acquire(sem):
+            self._final(slot, "cancelled", "not started", 0)
+            return
+        try:
+            m.guest_started(self._clock() - arrived)
+            try:
+                guest = self.client.guest(
+                    meeting_url=slot.meeting_url,
+                    origin=self.plan.origin,
+                    display_name=self.plan.name(slot.n),
+                    guest_id=slot.guest_id,
+                    application_session_id=slot.asi,
+                    lobby_timeout_s=self.plan.lobby_timeout_s,
+                )
+            except ConfigurationError as exc:
+                m.guest_join_failed(slot.guest_id)
+                self._final(slot, "failed", f"ConfigurationError: {exc}", 0)
+                return
+            joined = await self._join(slot, guest, arrived)
+        finally:
+            sem.release()
+        if joined:
+            await self._hold(slot, guest)
+
+    async def _join(self, slot: _Slot, guest: Guest, arrived: float) -> bool:
+        """The first join; True if joined. Records the outcome otherwise."""
+        assert self._stop is not None
+        m = self.metrics
+        join = asyncio.ensure_future(guest.join())
+        if not self._stop.done():
+            waits: set[asyncio.Future[Any]] = {join, self._stop}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not join.done():
+            # Stopped mid-join. A request in flight may be creating the guest's application: give the join
+            # a moment to settle (then it is left like any joined guest), and only then cancel it, which
+            # makes the client delete what it knows it created.
+            await asyncio.wait({join}, timeout=STOP_GRACE_S)
+        if not join.done():
+            join.cancel()
+            await asyncio.gather(join, return_exceptions=True)
+        if join.cancelled():
+            m.guest_join_failed(slot.guest_id, cancelled=True)
+            self._final(slot, "cancelled", "interrupted while joining", guest.rejoins)
+            return False
+        exc = join.exception()
+        if exc is None:
+            result = join.result()
+            m.guest_joined(slot.guest_id, self._clock() - arrived, result.lobby_s)
+            return True
+        m.guest_join_failed(slot.guest_id)
+        outcome = guest.outcome
+        if outcome is not None and outcome.kind == "ended":
+            self._final(slot, "ended", outcome.reason or "Ended", guest.rejoins)
+        else:
+            self._final(
+                slot, "failed", failure_reason(exc, outcome.reason if outcome else None), guest.rejoins
+            )
+        if not isinstance(exc, AnonJoinError):  # pragma: no cover - a bug in the client; keep it visible
+            raise exc
+        await self._leave(guest)  # nothing to do for a closed guest; tidy if it is not
+        return False
+
+    async def _hold(self, slot: _Slot, guest: Guest) -> None:
+        assert self._stop is not None
+        closed = asyncio.ensure_future(guest.wait_closed())
+        waits: set[asyncio.Future[Any]] = {closed}
+        if not self._stop.done():
+            waits.add(self._stop)
+            await asyncio.wait(waits, timeout=self.plan.hold_s, return_when=asyncio.FIRST_COMPLETED)
+        if closed.done():
+            outcome = closed.result()
+            if outcome.kind == "left":
+                # Left on its own (another poll took over, for example): it was joined and nothing failed.
+                self._final(slot, "joined", None, outcome.rejoins)
+            elif outcome.kind == "ended":
+                self._final(slot, "ended", outcome.reason or "Ended", outcome.rejoins)
+            else:
+                reason = failure_reason(outcome.error, outcome.reason) if outcome.error else outcome.reason
+                self._final(slot, "failed", reason or "unknown", outcome.rejoins)
+            return
+        closed.cancel()
+        await asyncio.gather(closed, return_exceptions=True)
+        if guest.state is not GuestState.JOINED and guest.state not in TERMINAL:
+            # Mid-rejoin: a request in flight may be creating the new application. Let the rejoin settle
+            # (bounded) so that leaving deletes the application the service really holds.
+            waiter = asyncio.get_running_loop().create_future()
+            self._settling[slot.guest_id] = waiter
+            await asyncio.wait({waiter}, timeout=STOP_GRACE_S)
+            self._settling.pop(slot.guest_id, None)
+        await self._leave(guest)
+        final = guest.outcome
+        if final is not None and final.kind == "failed":
+            # It failed for good in the same instant the hold ended.
+            self._final(slot, "failed", failure_reason(final.error, final.reason), final.rejoins)
+        elif final is not None and final.kind == "ended":
+            self._final(slot, "ended", final.reason or "Ended", final.rejoins)
+        else:
+            self._final(slot, "joined", None, guest.rejoins)
+
+    async def _leave(self, guest: Guest) -> None:
+        try:
+            async with asyncio.timeout(LEAVE_TIMEOUT_S):
+                await guest.leave()
+        except (AnonJoinError, TimeoutError):
+            self.metrics.leave_errors += 1
+
+    def _final(self, slot: _Slot, outcome: Any, reason: str | None, rejoins: int) -> None:
+        if slot.record is not None:  # pragma: no cover - defensive: one outcome per guest
+            return
+        if outcome == "ended":
+            self._ended_meetings.add(slot.meeting_url)
+        elif (
+            outcome == "failed"
+            and slot.meeting_url in self._ended_meetings
+            and (reason or "").startswith("DestinationNotFound")
+        ):
+            outcome, reason = "ended", ENDED_BEFORE_JOIN
+        slot.record = GuestRecord(
+            slot.guest_id, slot.asi, outcome, reason, rejoins, conference_of(slot.meeting_url)
+        )
+        self.metrics.guest_final(slot.guest_id, outcome, reason)
+
+
+def check_against_service(records: Sequence[GuestRecord], snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """What the simulator's own record says about a run (its admin state, not the client's belief).
+
+    ``ok`` is True when the service saw only the run's applicationSessionIds, never more applications for
+    a guest than its joins and rejoins can explain (so every rejoin reused the guest's id), never a guest
+    twice in a roster, and no live application at the end.
+    """
+    apps = snapshot.get("applications", {})
+    created: Mapping[str, int] = apps.get("created_by_asi", {})
+    ours = {r.application_session_id: r for r in records}
+    unknown = sorted(asi for asi in created if asi not in ours)
+    duplicates = 0
+    for meeting in snapshot.get("meetings", {}).values():
+        for key in ("roster", "lobby"):
+            names = list(meeting.get(key, ()))
+            duplicates += len(names) - len(set(names))
+    rejoined = [r for r in records if r.rejoins]
+    same_id = sum(1 for r in rejoined if created.get(r.application_session_id, 0) >= r.rejoins + 1)
+    live = int(apps.get("live", 0))
+    return {
+        "ok": not unknown and not duplicates and live == 0 and same_id == len(rejoined),
+        "application_session_ids_seen": len(created),
+        "unknown_application_session_ids": len(unknown),
+        "applications_created": int(apps.get("created", 0)),
+        "max_applications_per_guest": max(created.values(), default=0),
+        "rejoined_guests": len(rejoined),
+        "rejoined_guests_with_the_same_id": same_id,
+        "duplicate_roster_entries": duplicates,
+        "live_applications_at_end": live,
+        "faults_injected": snapshot.get("faults_injected", {}),
+    }
+
+
+def conference_of(meeting_url: str) -> str:
+    """The conference id of a meeting join URL: its last path segment (protocol.md §5)."""
+    path = meeting_url.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    return path.rsplit("/", 1)[-1] or meeting_url
+
+
+def failure_reason(exc: BaseException | None, reason: str | None = None) -> str:
+    """A short, stable reason for a guest that failed: groups well in the report."""
+    if isinstance(exc, JoinFailed):
+        return exc.reason
+    if isinstance(exc, ServiceError):
+        code = exc.subcode or exc.code or ""
+        return f"{exc.step}: HTTP {exc.status}" + (f" {code}" if code else "")
+    if isinstance(exc, ProtocolError):
+        return f"ProtocolError at {exc.step}" if exc.step else "ProtocolError"
+    if isinstance(exc, TransportError):
+        return f"{type(exc).__name__} at {exc.step}" if exc.step else type(exc).__name__
+    if isinstance(exc, AuthError):
+        if exc.error:
+            return f"AuthError: {exc.error}"
+        text = str(exc).split(" (correlation-id=", 1)[0]
+        return f"AuthError: {text[:80]}" if text else "AuthError"
+    if reason:
+        return reason
+    return type(exc).__name__ if exc is not None else "unknown"
+
+
+async def run_load(
+    plan: LoadPlan,
+    *,
+    discover_url: str,
+    endpoint_id: str,
+    credential: CredentialLike,
+    ca_file: str | None = None,
+    verify_tls: bool = True,
+    retry: RetryPolicy | None = None,
+    rejoin: RejoinPolicy | None = None,
+    hooks: Hooks | None = None,
+    store: SessionStore | None = None,
+    metrics: Metrics | None = None,
+    meetings: int = 0,
+    on_runner: Callable[[LoadRunner], None] | None = None,
+) -> LoadResult:
+    """Run ``plan`` with one :class:`Client` for every guest, its pool sized to the concurrency.
+
+    ``meetings``: spread the guests over this many meetings, creating the ones ``plan.meeting_urls`` lacks
+    through adhocMeetings (the service application's own meetings). ``on_runner`` receives the runner
+    before it starts (to wire :meth:`LoadRunner.cancel` to a signal).
+    """
+    metrics = metrics if metrics is not None else Metrics(guests=plan.guests)
+    async with Client(
+        discover_url=discover_url,
+        endpoint_id=endpoint_id,
+        credential=credential,
+        ca_file=ca_file,
+        verify_tls=verify_tls,
+        retry=retry,
+        rejoin=rejoin,
+        max_connections=pool_size(plan.concurrency),
+        hooks=metrics.hooks(hooks),
+    ) as client:
+        urls = list(plan.meeting_urls)
+        for i in range(len(urls), meetings):
+            made = await client.create_meeting(subject=f"anonjoin load meeting {i + 1}")
+            urls.append(made.join_url)
+        if urls != list(plan.meeting_urls):
+            plan = dataclasses.replace(plan, meeting_urls=tuple(urls))
+        runner = LoadRunner(client, plan, metrics=metrics, store=store)
+        if on_runner is not None:
+            on_runner(runner)
+        return await runner.run()

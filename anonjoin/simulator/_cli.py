@@ -1,0 +1,170 @@
+"""``anonjoin simulate``: run the simulator until SIGINT/SIGTERM.
+
+When both listeners are up it prints ONE JSON line on stdout (``SimulatorInfo``) and flushes; it then
+serves until a signal and exits 0. A bad flag value or an unreadable fault file is one line on stderr and
+exit 2 (``ConfigurationError`` through the main CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import asyncio.sslproto
+import signal
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from anonjoin._exceptions import ConfigurationError
+from anonjoin.simulator._app import ROUTES
+from anonjoin.simulator._config import SimulatorConfig
+from anonjoin.simulator._faults import FaultProfile
+from anonjoin.simulator._server import Simulator
+
+__all__ = ["register", "run"]
+
+TLS_READ_BUFFER_KB = 32
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="run the local simulator (prints one JSON line when ready)",
+        description="Run the local simulator (Azure AD, Trusted Application API, UCWA psanon) on loopback "
+        "TLS until SIGINT/SIGTERM. When ready it prints one JSON line: discover_url, authority, tenant, "
+        "client_id, client_secret, endpoint_id, meeting_url, origin, ca_file, admin_url, pool_url, scope.",
+    )
+    add = p.add_argument
+    add("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    add("--port", type=int, default=0, help="main listener port (default: ephemeral)")
+    add("--pool-port", type=int, default=0, help="pool listener port (default: ephemeral)")
+    add("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    add(
+        "--faults",
+        default="none",
+        metavar="PROFILE|FILE",
+        help="fault profile: none, flaky, throttled, chaos, or a JSON file (default none)",
+    )
+    add("--psat-ttl", type=float, metavar="S", help="psat lifetime in seconds (default: profile, else 8 h)")
+    add("--aad-ttl", type=float, metavar="S", help="AAD token lifetime in seconds (default 3600)")
+    add(
+        "--idle-expiry",
+        type=float,
+        metavar="S",
+        help="seconds without a parked poll before an application expires (default 900)",
+    )
+    add("--lobby", choices=("none", "admit", "deny"), default="none", help="lobby of the default meeting")
+    add("--lobby-delay", type=float, metavar="S", help="seconds before the lobby admits or denies (0.5)")
+    add(
+        "--rel-prefix",
+        choices=("service:", "ms:rtc:saas:", "alternate"),
+        default="service:",
+        help="relation prefix of the Trusted Application API (default service:)",
+    )
+    add(
+        "--date-format",
+        choices=("iso", "dotnet", "dotnet_escaped", "dotnet_literal"),
+        default="iso",
+        help="date form in bodies (default iso)",
+    )
+    add(
+        "--discover-query",
+        choices=("anonymousContext", "anonymousMeetingJoinContext", "discoverContext"),
+        default="anonymousContext",
+        help="query name of the discover link a token POST returns",
+    )
+    add(
+        "--token-status",
+        type=int,
+        choices=(200, 201),
+        default=200,
+        help="status of a successful anonApplicationTokens POST (default 200)",
+    )
+    add("--redirect", default="", metavar="ROUTE,...", help="routes answered with 307 to the pool listener")
+    add("--absolute-hrefs", action="store_true", help="make every href absolute")
+    add("--mixed-case-hrefs", action="store_true", help="spell hrefs platformService/endpointid")
+    add(
+        "--tls-read-buffer-kb",
+        type=int,
+        default=TLS_READ_BUFFER_KB,
+        metavar="KB",
+        help=f"asyncio's per-connection TLS read buffer in this process (default {TLS_READ_BUFFER_KB}; "
+        "0 keeps asyncio's 256): with 10,000 parked polls it dominates the simulator's memory",
+    )
+    p.set_defaults(run=run)
+
+
+def config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
+    """The ``SimulatorConfig`` the flags ask for; ``ConfigurationError`` (exit 2) if it is invalid."""
+    profile = FaultProfile.load(ns.faults)  # ConfigurationError for an unknown name or a bad file
+    redirect = frozenset(r.strip() for r in ns.redirect.split(",") if r.strip())
+    known = {route.name for route in ROUTES}
+    if not redirect <= known:
+        unknown = ", ".join(sorted(redirect - known))
+        raise ConfigurationError(f"--redirect: unknown route {unknown} (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {
+        "host": ns.host,
+        "port": ns.port,
+        "pool_port": ns.pool_port,
+        "seed": ns.seed,
+        "faults": profile,
+        "lobby": ns.lobby,
+        "rel_prefix": ns.rel_prefix,
+        "date_format": ns.date_format,
+        "discover_query": ns.discover_query,
+        "token_status": ns.token_status,
+        "absolute_hrefs": ns.absolute_hrefs,
+        "mixed_case_hrefs": ns.mixed_case_hrefs,
+        "redirect_routes": redirect,
+    }
+    for flag, field in (
+        ("psat_ttl", "psat_ttl_s"),
+        ("aad_ttl", "aad_ttl_s"),
+        ("idle_expiry", "idle_expiry_s"),
+        ("lobby_delay", "lobby_delay_s"),
+    ):
+        if getattr(ns, flag) is not None:
+            values[field] = getattr(ns, flag)
+    try:
+        return SimulatorConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigurationError(f"--{where.removesuffix('_s').replace('_', '-')}: {first['msg']}") from None
+
+
+def run(ns: argparse.Namespace) -> int:
+    config = config_from_args(ns)
+    _set_tls_read_buffer(ns.tls_read_buffer_kb)
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot listen: {exc.strerror or exc}") from None
+    return 0
+
+
+def _set_tls_read_buffer(kb: int) -> None:
+    """Shrink asyncio's TLS read buffer (``SSLProtocol.max_size``, 256 KiB per connection in 3.11/3.12).
+
+    Only ``anonjoin simulate`` does this, in its own process: each parked poll holds one TLS connection, so
+    10,000 parked polls hold 2.5 GB of these buffers at the default and 0.3 GB at 32 KiB (on top of about
+    100 KB a connection for OpenSSL and aiohttp). TLS records are at most 16 KiB, so a smaller buffer only
+    means more reads for large bodies.
+    """
+    if kb == 0:
+        return
+    if not 4 <= kb <= 1024:
+        raise ConfigurationError("--tls-read-buffer-kb: expected 0 or 4..1024")
+    asyncio.sslproto.SSLProtocol.max_size = kb * 1024
+
+
+async def _serve(config: SimulatorConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Simulator(config) as sim:
+        sys.stdout.write(sim.info.model_dump_json() + "\n")
+        sys.stdout.flush()
+        await stop.wait()

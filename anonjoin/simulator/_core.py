@@ -1,0 +1,177 @@
+"""The shared state of one running simulator, and the per-request context handed to every route.
+
+Rules: ``Core`` is the only object routes touch; it owns the configuration, the fault injector, the
+meetings/applications state, the token verifiers and the request statistics. ``Call`` is one request.
+Statistics are dicts keyed by route and ``asi`` (O(1) per request); per-guest timelines keep the last
+``TIMELINE_CAP`` entries, as tuples (dicts only in the snapshot) to stay small with 10,000 guests.
+"""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from anonjoin.simulator._config import IDLE_EXPIRY_S, PSAT_TTL_S, SimulatorConfig
+from anonjoin.simulator._faults import FaultInjector, FaultProfile
+from anonjoin.simulator._meetings import Meeting, MeetingState
+from anonjoin.simulator._tokens import InvalidTokenError, TokenVerifier, aad_key, psat_key, unverified_claims
+from anonjoin.simulator._wire import Wire
+
+__all__ = ["Call", "Core"]
+
+TIMELINE_CAP = 256
+
+TimelineEntry = tuple[str, float, int, float | None]  # route, t, status, retry_after
+MAIN_FQDN = "main.sim.anonjoin.invalid"
+POOL_FQDN = "pool.sim.anonjoin.invalid"
+
+
+@dataclass(slots=True)
+class Call:
+    """One request being answered."""
+
+    request: web.Request
+    route: str
+    params: dict[str, str]
+    listener: str  # "main" | "pool"
+    wire: Wire
+    asi: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Core:
+    """Everything one simulator knows."""
+
+    def __init__(self, config: SimulatorConfig, profile: FaultProfile) -> None:
+        self.config = config
+        self.clock = config.clock
+        self.injector = FaultInjector(profile, config.seed, clock=config.clock)
+        self.aad = TokenVerifier(aad_key(), config.clock)
+        self.psat = TokenVerifier(psat_key(), config.clock)
+        self.rng = random.Random(config.seed)
+        self.main_base = ""
+        self.pool_base = ""
+        self.requests: dict[str, dict[str, int]] = {}
+        self.guests: dict[str, collections.deque[TimelineEntry]] = {}
+        self._alternate = itertools.count()
+        self.state = MeetingState(
+            rng=self.rng,
+            clock=config.clock,
+            tenant=config.tenant,
+            idle_s=self.idle_s,
+            time_scale=config.event_time_scale,
+            resume_after_s=config.event_resume_after_s,
+            max_participants=config.max_participants,
+            schedule=self._guest_schedule,
+            ucwa_href=self.ucwa_href,
+        )
+        self.default_meeting: Meeting = self.state.create_meeting(
+            lobby=config.lobby, lobby_delay_s=config.lobby_delay_s
+        )
+
+    # -- derived settings ----------------------------------------------------------------------------
+    @property
+    def profile(self) -> FaultProfile:
+        return self.injector.profile
+
+    def psat_ttl_s(self) -> float:
+        return self.config.psat_ttl_s or self.profile.psat_ttl_s or PSAT_TTL_S
+
+    def idle_s(self) -> float:
+        return self.config.idle_expiry_s or self.profile.idle_expiry_s or IDLE_EXPIRY_S
+
+    @property
+    def ucwa_base(self) -> str:
+        return self.pool_base if self.config.ucwa_on_pool else self.main_base
+
+    def ucwa_href(self, path: str) -> str:
+        """An href inside UCWA bodies (events, embedded resources): relative unless absolute hrefs are on."""
+        return self.ucwa_base + path if self.config.absolute_hrefs else path
+
+    def _guest_schedule(self, asi: str) -> tuple[Any, float] | None:
+        scheduled = self.injector.guest_schedule(asi)
+        return None if scheduled is None else (scheduled.action, scheduled.after_s)
+
+    def wire(self, request: web.Request, listener: str) -> Wire:
+        prefix = self.config.rel_prefix
+        if request.headers.get("X-Ms-Namespace", "").lower() == "internal":
+            prefix = "ms:rtc:saas:"
+        elif prefix == "alternate":
+            prefix = "service:" if next(self._alternate) % 2 == 0 else "ms:rtc:saas:"
+        return Wire(
+            prefix=prefix,
+            date_format=self.config.date_format,
+            here=self.pool_base if listener == "pool" else self.main_base,
+            main=self.main_base,
+            pool=self.pool_base,
+            absolute=self.config.absolute_hrefs,
+            mixed_case=self.config.mixed_case_hrefs,
+        )
+
+    # -- tokens --------------------------------------------------------------------------------------
+    def psat_asi(self, token: str | None) -> str | None:
+        """The ``asi`` of a psat token, verified or not (bookkeeping only)."""
+        if not token:
+            return None
+        try:
+            claims = self.psat.verify(token)
+        except InvalidTokenError:
+            claims = unverified_claims(token) or {}
+        asi = claims.get("asi")
+        return asi if isinstance(asi, str) else None
+
+    # -- statistics ----------------------------------------------------------------------------------
+    def record(self, route: str, status: int, asi: str | None, response: web.StreamResponse | None) -> None:
+        by_status = self.requests.setdefault(route, {})
+        key = str(status)
+        by_status[key] = by_status.get(key, 0) + 1
+        if asi is None:
+            return
+        timeline = self.guests.get(asi)
+        if timeline is None:
+            timeline = self.guests[asi] = collections.deque(maxlen=TIMELINE_CAP)
+        now = self.clock()
+        timeline.append((route, now, status, _retry_after(response, now)))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The admin view (``GET /_admin/state``)."""
+        state = self.state
+        return {
+            "requests": {route: dict(statuses) for route, statuses in self.requests.items()},
+            "faults_injected": self.injector.injected,
+            "faults": self.profile.name,
+            "meetings": {cid: m.info() for cid, m in state.meetings.items()},
+            "applications": {
+                "live": len(state.apps),
+                "created": state.created,
+                "created_by_asi": dict(state.created_by_asi),
+                "gone": dict(collections.Counter(state.gone.values())),
+            },
+            "guests": {
+                asi: [{"route": r, "t": t, "status": s, "retry_after": ra} for r, t, s, ra in timeline]
+                for asi, timeline in self.guests.items()
+            },
+        }
+
+
+def _retry_after(response: web.StreamResponse | None, now: float) -> float | None:
+    if response is None:
+        return None
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
