@@ -3,6 +3,9 @@
 The public names are re-exported here; everything else lives in private modules.
 """
 
+import logging as _logging
+
+from anonjoin._auth import AccessToken, CertificateCredential, ClientSecretCredential, Credential
 from anonjoin._client import Client
 from anonjoin._events import ChannelEvent, Event, GuestEvent, Hooks, Step, StepEvent
 from anonjoin._exceptions import (
@@ -19,20 +22,43 @@ from anonjoin._exceptions import (
     TransportError,
 )
 from anonjoin._guest import Guest
+from anonjoin._metrics import Metrics
 from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
 from anonjoin._protocol import GuestState
 from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
+from anonjoin._runner import (
+    ArrivalSchedule,
+    ConstantRate,
+    LinearRamp,
+    LoadPlan,
+    LoadResult,
+    LoadRunner,
+    RateFunction,
+    Steps,
+    run_load,
+)
+from anonjoin._settings import TargetSettings
+from anonjoin._store import MemorySessionStore, SessionRecord, SessionStore, SqliteSessionStore
 from anonjoin._version import __version__
 
+# A library stays silent unless the application configures logging.
+_logging.getLogger("anonjoin").addHandler(_logging.NullHandler())
+
 __all__ = [
+    "AccessToken",
     "AdhocMeeting",
     "AnonJoinError",
+    "ArrivalSchedule",
     "AuthError",
     "CapabilityNotAvailable",
+    "CertificateCredential",
     "ChannelEvent",
     "Client",
+    "ClientSecretCredential",
     "Clock",
     "ConfigurationError",
+    "ConstantRate",
+    "Credential",
     "Event",
     "Guest",
     "GuestEvent",
@@ -42,15 +68,28 @@ __all__ = [
     "Hooks",
     "JoinFailed",
     "JoinResult",
+    "LinearRamp",
+    "LoadPlan",
+    "LoadResult",
+    "LoadRunner",
     "MaybeSentError",
+    "MemorySessionStore",
+    "Metrics",
     "ProtocolError",
+    "RateFunction",
     "RejoinPolicy",
     "RequestNotSentError",
     "RetryPolicy",
     "ServiceError",
+    "SessionRecord",
+    "SessionStore",
+    "SqliteSessionStore",
     "Step",
     "StepEvent",
+    "Steps",
     "StoreError",
+    "TargetSettings",
     "TransportError",
     "__version__",
+    "run_load",
 ]

@@ -93,9 +93,13 @@ class ConfigurationError(AnonJoinError, ValueError):
 class TransportError(AnonJoinError):
     """The network failed before a usable HTTP response arrived."""
 
-    def __init__(self, message: str, *, step: str | None = None, url: object = None) -> None:
+    def __init__(
+        self, message: str, *, step: str | None = None, url: object = None, final: bool = False
+    ) -> None:
         self.step = step
         self.url = redact_url(url) if url is not None else None
+        #: True when no retry can help (an untrusted TLS certificate, say).
+        self.final = final
         where = f" [{step}]" if step else ""
         target = f" {self.url}" if self.url else ""
         super().__init__(f"{redact(message)}{where}{target}")

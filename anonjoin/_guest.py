@@ -151,6 +151,8 @@ class Guest:
         self._leave_requested = False
         self._leave_now: asyncio.Future[None] = loop.create_future()
         self._in_poll_wait = False
+        self._bg: set[asyncio.Task[None]] = set()
+        self._holdoff: dict[str, float] = {}  # step -> no request before (this guest's Retry-After)
 
     def __repr__(self) -> str:
         return (
@@ -405,6 +407,7 @@ class Guest:
         poll: bool = False,
         timeout_s: float | None = None,
         deadline_at: float | None = None,
+        quiet: Callable[[], bool] | None = None,
     ) -> Coroutine[Any, Any, Response]:
         """The step as a coroutine (not a coroutine of its own: one await level less on every resume)."""
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
@@ -417,12 +420,14 @@ class Guest:
             headers=self._guest_headers(auth=auth),
             body=data,
             poll=poll,
+            quiet=quiet,
         )
         return self._ctx.runner.run(
             step,
             attempt,
             guest_id=self.guest_id,
             stats=self._stats,
+            holdoff=self._holdoff,
             deadline_at=self._deadline_at if deadline_at is None else deadline_at,
             timeout_s=timeout_s,
         )
@@ -434,6 +439,7 @@ class Guest:
             application_session_id=self.application_session_id,
             guest_id=self.guest_id,
             stats=self._stats,
+            holdoff=self._holdoff,
             deadline_at=self._deadline_at,
         )
         self._grant = grant
@@ -520,7 +526,13 @@ class Guest:
         poll_timeout = C.POLL_TIMEOUT_S + C.POLL_TIMEOUT_MARGIN_S
         deadline = self._now() + poll_timeout * 2 + self._ctx.retry.step_deadline_s
         coro = self._guest_request(
-            "events", "GET", url, poll=True, timeout_s=poll_timeout, deadline_at=deadline
+            "events",
+            "GET",
+            url,
+            poll=True,
+            timeout_s=poll_timeout,
+            deadline_at=deadline,
+            quiet=self._leave_now.done,  # after our own DELETE, the poll's 404 is its expected end
         )
         return asyncio.create_task(coro, name=f"anonjoin-poll-{self.guest_id}")
 
@@ -599,6 +611,7 @@ class Guest:
         if what == "expiry":
             if self._can_recover():
                 self._recoveries += 1
+                self._delete_in_background()
                 self._emit("rejoining", "TokenExpiring")
                 m.handle(Input.EXPIRING, "TokenExpiring")
                 self._start_join()
@@ -700,10 +713,25 @@ class Guest:
 
     async def _cleanup_app(self) -> None:
         url, grant = self._app_url, self._grant
+        self._app_url = None
+        if url is not None and grant is not None:
+            await self._delete_app(url, grant)
+        if self._bg:  # DELETEs of replaced applications still running: bounded, never left behind
+            await asyncio.gather(*self._bg, return_exceptions=True)
+
+    def _delete_in_background(self) -> None:
+        """Before an expiry rejoin: DELETE the current application while its psat is still valid (if the
+        rejoin cannot complete, e.g. the meeting ended, nothing could delete it later)."""
+        url, grant = self._app_url, self._grant
+        self._app_url = None
         if url is None or grant is None:
             return
-        self._app_url = None
-        headers = self._guest_headers()
+        task = asyncio.create_task(self._delete_app(url, grant), name=f"anonjoin-delete-{self.guest_id}")
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _delete_app(self, url: URL, grant: GuestGrant) -> None:
+        headers = {"Origin": self.origin, "Authorization": f"Bearer {grant.token}"}
 
         async def attempt(att: Attempt) -> None:
             try:
@@ -721,6 +749,7 @@ class Guest:
                 deadline_at=self._now() + C.DELETE_TIMEOUT_S,
                 timeout_s=min(pol.request_timeout_s, C.DELETE_TIMEOUT_S),
                 attempts=max(pol.attempts, C.DELETE_ATTEMPTS),
+                holdoff=self._holdoff,
             )
         except AnonJoinError as exc:
             log_event(

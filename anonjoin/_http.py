@@ -15,7 +15,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -33,7 +33,6 @@ from anonjoin._exceptions import (
     redact_url,
 )
 from anonjoin._models import parse_error_body
-from anonjoin._protocol import FINAL_ATTR
 from anonjoin._retry import Attempt
 
 log = logging.getLogger("anonjoin.http")
@@ -159,8 +158,13 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
         poll: bool = False,
+        quiet: Callable[[], bool] | None = None,
     ) -> Response:
-        """Send one request (following one 307) and return a 2xx response, or raise a typed error."""
+        """Send one request (following one 307) and return a 2xx response, or raise a typed error.
+
+        ``quiet``: when it returns True as an error status arrives, the response is returned instead of
+        raised (a poll released by our own DELETE: an expected end, not a failure to report).
+        """
         crid = request_id()
         attempt.client_request_id = crid
         hdrs = {"client-request-id": crid}
@@ -220,15 +224,18 @@ class HttpClient:
                         data = await self._read(resp, step, corr)
                         if 200 <= status < 300:
                             return Response(status, resp.url, resp.headers, data, crid, corr)
+                        if quiet is not None and quiet():
+                            return Response(status, resp.url, resp.headers, data, crid, corr)
                         raise _service_error(step, status, resp.headers, data, target, crid, corr)
                 except (ServiceError, ProtocolError):
                     raise
                 except aiohttp.ClientConnectorCertificateError as exc:  # retrying will not fix it
-                    err = RequestNotSentError(
-                        f"TLS certificate not trusted: {exc.certificate_error}", step=step, url=target
-                    )
-                    setattr(err, FINAL_ATTR, True)  # read by anonjoin._protocol.classify
-                    raise err from exc
+                    raise RequestNotSentError(
+                        f"TLS certificate not trusted: {exc.certificate_error}",
+                        step=step,
+                        url=target,
+                        final=True,
+                    ) from exc
                 except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
                     raise RequestNotSentError(
                         f"{type(exc).__name__}: {exc.os_error or exc}", step=step, url=target

@@ -37,6 +37,7 @@ from anonjoin._exceptions import (
     ProtocolError,
     RequestNotSentError,
     ServiceError,
+    TransportError,
 )
 
 
@@ -206,8 +207,6 @@ SAFE_TO_REPEAT: Final[frozenset[Step]] = frozenset(
 RECREATE_AFTER_MAYBE_SENT: Final[frozenset[Step]] = frozenset({"anon_applications", "invitations"})
 """Guest POSTs that are not repeated after a MaybeSentError; the application is recreated instead."""
 
-FINAL_ATTR: Final = "anonjoin_final"
-"""An error carrying this attribute (set True at the boundary) is final whatever its class says."""
 RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 THROTTLE_STATUSES: Final = frozenset({429, 503})
 DROP_SUBCODES: Final = frozenset({"Ejected", "Removed", "TemporarilyUnavailable", "Disconnected"})
@@ -228,7 +227,7 @@ def error_reason(error: BaseException) -> str:
 def classify(step: Step, error: BaseException) -> Decision:
     """The one place that maps a failure of ``step`` to what the client does next (protocol.md §6)."""
     reason = error_reason(error)
-    if getattr(error, FINAL_ATTR, False):  # e.g. an untrusted TLS certificate: no retry fixes it
+    if isinstance(error, TransportError) and error.final:  # e.g. an untrusted TLS certificate
         return Decision(Action.FINAL, reason)
     if isinstance(error, RequestNotSentError):
         return Decision(Action.RETRY, reason)

@@ -160,6 +160,7 @@ class _StepRun:
         "deadline",
         "decide",
         "guest_id",
+        "holdoff",
         "last",
         "next_wait",
         "observer",
@@ -202,6 +203,15 @@ class _StepRun:
         self.refresh_next = False
         self.last: BaseException | None = None
         self.report = False
+        self.holdoff: dict[str, float] | None = None
+
+    async def hold(self) -> None:
+        """Wait out this guest's Retry-After for this step, if one is pending (bounded by the deadline)."""
+        if self.holdoff is None:
+            return
+        wait = min(self.holdoff.get(self.step, 0.0), self.deadline) - self.clock.monotonic()
+        if wait > 0:
+            await self.clock.sleep(wait)
 
     def begin(self, number: int) -> tuple[Attempt, float]:
         t0 = self.clock.monotonic()
@@ -258,6 +268,8 @@ class _StepRun:
     async def again(self, number: int, attempt_fn: Callable[[Attempt], Awaitable[T]]) -> T:
         """A retry (run by tenacity): throttle, deadline, then the attempt."""
         runner = self.runner
+        if self.holdoff:
+            await self.hold()
         if runner.policy.shared_throttle and runner.throttle.until:
             await runner.throttle.wait_turn(self.guest_id, self.step, self.deadline)
         if self.deadline - self.clock.monotonic() <= 0 and self.last is not None:
@@ -295,9 +307,17 @@ class StepRunner:
         timeout_s: float | None = None,
         decide: Callable[[Step, BaseException], Decision] = classify,
         attempts: int | None = None,
+        holdoff: dict[str, float] | None = None,
     ) -> T:
-        """Run ``attempt_fn`` until it succeeds, the failure is not retryable, or a bound is hit."""
+        """Run ``attempt_fn`` until it succeeds, the failure is not retryable, or a bound is hit.
+
+        ``holdoff`` (one per guest): step -> the instant before which this guest sends no request of that
+        step, because the service gave it a Retry-After (whichever request of the guest it was).
+        """
         r = _StepRun(self, step, guest_id, deadline_at, stats, timeout_s, decide, attempts)
+        r.holdoff = holdoff
+        if holdoff:
+            await r.hold()
         # The first attempt runs inline (the hot path: most steps succeed at once, and every await level
         # costs on each resume); tenacity drives the retries, beginning with the wait the failure asked for.
         throttle = self.throttle
@@ -337,6 +357,11 @@ class StepRunner:
     ) -> bool:
         d = decide(step, exc)
         policy, clock = self.policy, self.clock
+        if loop.holdoff is not None and isinstance(exc, ServiceError) and exc.retry_after is not None:
+            # whatever happens next (a retry, a rejoin, a DELETE), this guest honours the Retry-After
+            until = clock.monotonic() + min(exc.retry_after, policy.retry_after_cap_s)
+            if until > loop.holdoff.get(step, 0.0):
+                loop.holdoff[step] = until
         action = d.action
         if action is Action.REFRESH_AUTH:
             if loop.refreshes < C.AUTH_REFRESHES_PER_STEP:

@@ -106,7 +106,15 @@ class ServiceApp:
         try:
             if attempt.refresh_auth and self._token is not None:
                 log_event(log, logging.INFO, "anonjoin.auth.refresh")
-                tok = await self._cred.refresh(self._token)
+                try:
+                    tok = await self._cred.refresh(self._token)
+                except AuthError as exc:
+                    if exc.retryable:
+                        raise
+                    # e.g. Azure AD handed back the same token: it is still valid, and a 403 InvalidToken
+                    # is known to be brief, so go on with it (the retry policy bounds what follows)
+                    log_event(log, logging.INFO, "anonjoin.auth.refresh_failed", error=exc.error)
+                    tok = await self._cred.token()
             else:
                 tok = await self._cred.token()
         except AnonJoinError:
@@ -126,6 +134,7 @@ class ServiceApp:
         body: Any = None,
         stats: StepStats | None = None,
         deadline_at: float | None = None,
+        holdoff: dict[str, float] | None = None,
     ) -> Coroutine[Any, Any, Response]:
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
 
@@ -133,7 +142,9 @@ class ServiceApp:
             headers = await self._auth(att)
             return await self._http.request(step, method, url, att, headers=headers, body=data)
 
-        return self._runner.run(step, attempt, guest_id=guest_id, stats=stats, deadline_at=deadline_at)
+        return self._runner.run(
+            step, attempt, guest_id=guest_id, stats=stats, deadline_at=deadline_at, holdoff=holdoff
+        )
 
     # --- capabilities (single flight, shared) --------------------------------------------------------
 
@@ -229,6 +240,7 @@ class ServiceApp:
         guest_id: str | None = None,
         stats: StepStats | None = None,
         deadline_at: float | None = None,
+        holdoff: dict[str, float] | None = None,
     ) -> GuestGrant:
         origins = allowed_origins if isinstance(allowed_origins, str) else ";".join(allowed_origins)
         body = {
@@ -249,6 +261,7 @@ class ServiceApp:
                     body=body,
                     stats=stats,
                     deadline_at=deadline_at,
+                    holdoff=holdoff,
                 )
             except ServiceError as exc:
                 if exc.status == 404 and exc.subcode not in _NOT_STALE and not refetch:

@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks._harness import loadavg, machine_description, pin_plan, ratio
+from benchmarks._harness import BenchmarkError, loadavg, machine_description, pin_plan, ratio
 from benchmarks._scenarios import FULL, QUICK, SMOKE, Env, Sizes, capacity, growth, overhead
 
 SCENARIOS = ("overhead", "growth", "capacity")
@@ -113,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["growth"] = growth(env, sizes, client=ns.client)
         if "capacity" in which:
             report["capacity"] = capacity(env, sizes)
+    except BenchmarkError as exc:  # the simulator would not start, say: nothing to measure against
+        console.print(f"[red]benchmarks: {exc}[/red]")
+        return 1
     finally:
         env.close()
     report["failed_runs"] = env.failures
@@ -175,9 +178,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 0,
             )
         )
+        raw_slope = g.get("raw_slope", float("nan"))
         out.append(
             _target(
-                f"{g['client']} CPU per join, largest / smallest size",
+                f"{g['client']} CPU per join, largest / smallest size"
+                + ("" if math.isnan(raw_slope) else f" (raw client: {raw_slope:.2f})"),
                 g["slope"],
                 "<=",
                 GROWTH_SLOPE_MAX,
@@ -266,7 +271,10 @@ def render(console: Console, report: dict[str, Any]) -> None:
             "guests/s",
             "p99 ms",
             "CPU vs smallest",
+            "raw CPU ms/join",
+            "CPU vs raw",
             "client RSS KB/guest",
+            "raw RSS KB/guest",
             "sim RSS KB/guest",
             "failed",
         ):
@@ -278,7 +286,10 @@ def render(console: Console, report: dict[str, Any]) -> None:
                 _f(p["guests_per_s"]),
                 _f(p["p99_ms"]),
                 _f(ratio(p["cpu_ms_per_join"], g["points"][0]["cpu_ms_per_join"]), 2),
+                _f(p.get("raw_cpu_ms_per_join", float("nan")), 2),
+                _f(p.get("cpu_vs_raw", float("nan")), 2),
                 _f(p.get("client_rss_per_guest_kb", float("nan"))),
+                _f(p.get("raw_client_rss_per_guest_kb", float("nan"))),
                 _f(p.get("sim_rss_per_guest_kb", float("nan"))),
                 _failed(p),
             )
@@ -347,22 +358,25 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"Growth and held guests ({g['client']}):",
             "",
-            "| guests held | CPU ms/join | guests/s | client RSS KB/guest | simulator RSS KB/guest "
-            "| failed |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| guests held | CPU ms/join | raw CPU ms/join | CPU vs raw | guests/s | client RSS KB/guest "
+            "| raw RSS KB/guest | simulator RSS KB/guest | failed |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for p in g["points"]:
             lines.append(
-                f"| {p['guests']} | {_f(p['cpu_ms_per_join'], 2)} | {_f(p['guests_per_s'])} | "
+                f"| {p['guests']} | {_f(p['cpu_ms_per_join'], 2)} | "
+                f"{_f(p.get('raw_cpu_ms_per_join', float('nan')), 2)} | "
+                f"{_f(p.get('cpu_vs_raw', float('nan')), 2)} | {_f(p['guests_per_s'])} | "
                 f"{_f(p.get('client_rss_per_guest_kb', float('nan')))} | "
+                f"{_f(p.get('raw_client_rss_per_guest_kb', float('nan')))} | "
                 f"{_f(p.get('sim_rss_per_guest_kb', float('nan')))} | {_failed(p)} |"
             )
         for ref in g.get("references", []):
             label = _ref_label(ref)
             lines.append(
-                f"| {ref['guests']} ({label}, reference) | {_f(ref['cpu_ms_per_join'], 2)} | "
-                f"{_f(ref['guests_per_s'])} | {_f(ref['client_rss_per_guest_kb'])} | "
-                f"{_f(ref['sim_rss_per_guest_kb'])} | {ref['failed']} |"
+                f"| {ref['guests']} ({label}, reference) | {_f(ref['cpu_ms_per_join'], 2)} | | | "
+                f"{_f(ref['guests_per_s'])} | {_f(ref['client_rss_per_guest_kb'])} | | "
+                f"{_f(ref['sim_rss_per_guest_kb'])} | {_failed(ref)} |"
             )
         lines.append("")
     if "req_per_sim_cpu_s" in report.get("capacity", {}):

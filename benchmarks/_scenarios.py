@@ -38,6 +38,7 @@ class Sizes:
     capacity_guests: int
     capacity_concurrency: int
     held_references: tuple[tuple[str, int, int], ...] = ()  # (client, guests, TLS read buffer KiB or 0)
+    growth_baseline: bool = True  # also hold the raw client at each growth size
     warmup: int = 1
     worker_timeout_s: float = 60.0  # a worker run's time limit: this plus the next per guest
     worker_timeout_per_guest_s: float = 0.05
@@ -50,7 +51,7 @@ FULL = Sizes(
     growth=(100, 1000, 10_000),
     capacity_guests=3000,
     capacity_concurrency=400,
-    held_references=(("raw", 1000, 0), ("anonjoin", 1000, 16)),
+    held_references=(("anonjoin", 1000, 16),),
 )
 QUICK = Sizes(
     guests=300,
@@ -59,13 +60,14 @@ QUICK = Sizes(
     growth=(20, 100, 200),
     capacity_guests=600,
     capacity_concurrency=100,
-    held_references=(("raw", 200, 0),),
+    held_references=(("anonjoin", 200, 16),),
 )
 SMOKE = Sizes(
     guests=4,
     concurrency=2,
     repeats=1,
     growth=(3,),
+    growth_baseline=False,
     capacity_guests=6,
     capacity_concurrency=3,
     worker_timeout_s=60.0,
@@ -219,6 +221,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired_ratio(runs: list[dict[str, Any]], base: list[dict[str, Any]], key: str) -> float:
+    """Median over the repeats both completed of ``run[key] / base_run[key]``."""
+    by_repeat = {b["repeat"]: b for b in base}
+    return median([ratio(r[key], by_repeat[r["repeat"]][key]) for r in runs if r["repeat"] in by_repeat])
+
+
 # ---------------------------------------------------------------- 1. overhead (and the Locust peer)
 
 
@@ -254,6 +262,7 @@ def overhead(env: Env, sizes: Sizes, profile: str | None = None) -> dict[str, An
                 if r is None:
                     lost[client] = lost.get(client, 0) + 1
                     continue
+                r["repeat"] = rep
                 runs[client].append(r)
                 env.log(
                     f"overhead {rep + 1}/{sizes.repeats} {client:8s} {r['guests_per_s']:8.1f} guests/s  "
@@ -272,12 +281,13 @@ def overhead(env: Env, sizes: Sizes, profile: str | None = None) -> dict[str, An
             try_client(env, sim, spec, sizes)
             env.log(f"overhead: profile of one extra anonjoin run (not counted) written to {profile}")
     summary = {c: summarize(rs) for c, rs in runs.items()}
-    base = summary["raw"]
-    for s in summary.values():
-        s["guests_per_s_vs_raw"] = ratio(s["guests_per_s"], base["guests_per_s"])
-        s["cpu_vs_raw"] = ratio(s["cpu_ms_per_join"], base["cpu_ms_per_join"])
+    for c, s in summary.items():
+        # Ratios pair each run with the baseline's run of the same repeat (they ran back to back), then
+        # take the median: steadier than a ratio of medians when the shared machine drifts.
+        s["guests_per_s_vs_raw"] = paired_ratio(runs[c], runs["raw"], "guests_per_s")
+        s["cpu_vs_raw"] = paired_ratio(runs[c], runs["raw"], "cpu_ms_per_join")
         if "locust" in summary:
-            s["guests_per_s_vs_locust"] = ratio(s["guests_per_s"], summary["locust"]["guests_per_s"])
+            s["guests_per_s_vs_locust"] = paired_ratio(runs[c], runs["locust"], "guests_per_s")
     return {
         "guests": sizes.guests,
         "concurrency": sizes.concurrency,
@@ -303,20 +313,36 @@ def growth(env: Env, sizes: Sizes, client: str = "anonjoin") -> dict[str, Any]:
         env.log("growth/held: anonjoin's runner is not importable; measuring the raw client instead")
         client = "raw"
     points = [p for n in sizes.growth if (p := held_run(env, sizes, client, n)) is not None]
-    # References at a middle size, not used for the targets: the raw client's RSS per held guest is the
-    # floor a TLS connection per parked poll costs; anonjoin with a 16 KiB asyncio TLS read buffer shows
-    # what is left once asyncio's 256 KiB per-connection buffer is out of the way.
+    # The raw client at the same sizes: what holding more TLS connections costs any client (kernel,
+    # epoll, memory), so a slope of anonjoin's own shows as a slope of the ratio.
+    baseline: dict[int, dict[str, Any]] = {}
+    if client != "raw" and sizes.growth_baseline:
+        for n in sizes.growth:
+            if (b := held_run(env, sizes, "raw", n)) is not None:
+                baseline[n] = b
+    for p in points:
+        b = baseline.get(int(p["guests"]))
+        p["raw_cpu_ms_per_join"] = b["cpu_ms_per_join"] if b else float("nan")
+        p["raw_client_rss_per_guest_kb"] = (
+            b.get("client_rss_per_guest_kb", float("nan")) if b else float("nan")
+        )
+        p["cpu_vs_raw"] = ratio(p["cpu_ms_per_join"], p["raw_cpu_ms_per_join"])
+    # References, not used for the targets: anonjoin with a 16 KiB asyncio TLS read buffer shows what is
+    # left once asyncio's 256 KiB per-connection read buffer is out of the way.
     references = [
         p
         for ref_client, n, tls_kb in sizes.held_references
         if (p := held_run(env, sizes, ref_client, n, tls_kb)) is not None
     ]
     cpu = [p["cpu_ms_per_join"] for p in points]
+    raw_cpu = [b["cpu_ms_per_join"] for b in baseline.values()]
     return {
         "client": client,
         "points": points,
+        "baseline": list(baseline.values()),
         "cpu_ms_per_join": {str(p["guests"]): p["cpu_ms_per_join"] for p in points},
         "slope": ratio(cpu[-1], cpu[0]) if cpu else float("nan"),
+        "raw_slope": ratio(raw_cpu[-1], raw_cpu[0]) if len(raw_cpu) == len(cpu) and cpu else float("nan"),
         "held": points[-1] if points else {},
         "references": references,
     }

@@ -162,7 +162,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         response = web.Response(status=307, headers={"Location": location})
     else:
         response = await _run(core, call, handler)
-    core.record(name, response.status, call.asi, response)
+    gid = params.get("gid")
+    core.record(name, response.status, call.asi, response, gid.lower() if gid is not None else None)
     return response
 
 

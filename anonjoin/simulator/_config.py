@@ -97,6 +97,11 @@ class SimulatorConfig(BaseModel):
     """Capabilities the tenant admin did not consent to (e.g. ``anonApplicationTokens``)."""
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
+    # tests only
+    record_issued_tokens: bool = False
+    """Test hook: keep every AAD access token and psat token the simulator issues in
+    ``Simulator.issued_tokens`` (so a test can search its output for them). Off by default: nothing kept."""
+
 
 class SimulatorInfo(BaseModel):
     """How to reach a running simulator (the JSON line of ``anonjoin simulate``)."""

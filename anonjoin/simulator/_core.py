@@ -23,11 +23,11 @@ from anonjoin.simulator._meetings import Meeting, MeetingState
 from anonjoin.simulator._tokens import InvalidTokenError, TokenVerifier, aad_key, psat_key, unverified_claims
 from anonjoin.simulator._wire import Wire
 
-__all__ = ["Call", "Core"]
+__all__ = ["Call", "Core", "IssuedTokens"]
 
 TIMELINE_CAP = 256
 
-TimelineEntry = tuple[str, float, int, float | None]  # route, t, status, retry_after
+TimelineEntry = tuple[str, float, int, float | None, str | None]  # route, t, status, retry_after, app
 MAIN_FQDN = "main.sim.anonjoin.invalid"
 POOL_FQDN = "pool.sim.anonjoin.invalid"
 
@@ -45,6 +45,16 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class IssuedTokens:
+    """Test hook (``SimulatorConfig.record_issued_tokens``): every token the simulator handed out."""
+
+    aad: list[str] = field(default_factory=list)
+    """AAD access tokens (the JWT as issued)."""
+    psat: list[str] = field(default_factory=list)
+    """psat tokens as issued (``psat=<JWT>``)."""
+
+
 class Core:
     """Everything one simulator knows."""
 
@@ -59,6 +69,7 @@ class Core:
         self.pool_base = ""
         self.requests: dict[str, dict[str, int]] = {}
         self.guests: dict[str, collections.deque[TimelineEntry]] = {}
+        self.issued: IssuedTokens | None = IssuedTokens() if config.record_issued_tokens else None
         self._alternate = itertools.count()
         self.state = MeetingState(
             rng=self.rng,
@@ -127,7 +138,16 @@ class Core:
         return asi if isinstance(asi, str) else None
 
     # -- statistics ----------------------------------------------------------------------------------
-    def record(self, route: str, status: int, asi: str | None, response: web.StreamResponse | None) -> None:
+    def record(
+        self,
+        route: str,
+        status: int,
+        asi: str | None,
+        response: web.StreamResponse | None,
+        app: str | None = None,
+    ) -> None:
+        """Count a request; for a known guest, append it to its timeline (``app``: the psanon application
+        the request addressed, for the routes under one application)."""
         by_status = self.requests.setdefault(route, {})
         key = str(status)
         by_status[key] = by_status.get(key, 0) + 1
@@ -137,7 +157,7 @@ class Core:
         if timeline is None:
             timeline = self.guests[asi] = collections.deque(maxlen=TIMELINE_CAP)
         now = self.clock()
-        timeline.append((route, now, status, _retry_after(response, now)))
+        timeline.append((route, now, status, _retry_after(response, now), app))
 
     def snapshot(self) -> dict[str, Any]:
         """The admin view (``GET /_admin/state``)."""
@@ -154,7 +174,10 @@ class Core:
                 "gone": dict(collections.Counter(state.gone.values())),
             },
             "guests": {
-                asi: [{"route": r, "t": t, "status": s, "retry_after": ra} for r, t, s, ra in timeline]
+                asi: [
+                    {"route": r, "t": t, "status": s, "retry_after": ra, "app": app}
+                    for r, t, s, ra, app in timeline
+                ]
                 for asi, timeline in self.guests.items()
             },
         }

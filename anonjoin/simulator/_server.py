@@ -19,7 +19,7 @@ from aiohttp import web
 
 from anonjoin.simulator._app import make_app
 from anonjoin.simulator._config import LobbyMode, SimulatorConfig, SimulatorInfo
-from anonjoin.simulator._core import Core
+from anonjoin.simulator._core import Core, IssuedTokens
 from anonjoin.simulator._faults import FaultProfile
 from anonjoin.simulator._tls import client_identity, server_ssl_context, write_ca
 from anonjoin.simulator._tokens import aad_key, psat_key
@@ -133,6 +133,14 @@ class Simulator:
         if self._core is None:
             raise RuntimeError("the simulator is not started")
         return self._core
+
+    @property
+    def issued_tokens(self) -> IssuedTokens:
+        """Test hook: every AAD and psat token issued so far (needs ``record_issued_tokens=True``)."""
+        issued = self.core.issued
+        if issued is None:
+            raise RuntimeError("start the simulator with SimulatorConfig(record_issued_tokens=True)")
+        return issued
 
     def snapshot(self) -> dict[str, Any]:
         """The same JSON as ``GET {admin_url}/state``."""

@@ -266,6 +266,8 @@ async def anon_tokens(core: Core, call: Call) -> web.StreamResponse:
         psat_claims["confid"] = meeting.conference_uri
         psat_claims["ucwaext"] = core.ucwa_base + "/ucwa/psanon/v1"
     token = "psat=" + psat_key().sign(psat_claims, x5t=True)
+    if core.issued is not None:
+        core.issued.psat.append(token)
     context = quote(quote(token, safe=""), safe="")
     query = core.config.discover_query
     return w.json(

@@ -32,7 +32,7 @@ async def test_state_snapshot_over_http_equals_the_in_process_one(sim: Simulator
     assert snap["applications"]["live"] == 1 and snap["applications"]["created"] == 1
     routes = [entry["route"] for entry in snap["guests"][guest.asi]]
     assert routes[:4] == ["anon_tokens", "anon_discover", "anon_applications", "invitations"]
-    assert all(set(e) == {"route", "t", "status", "retry_after"} for e in snap["guests"][guest.asi])
+    assert all(set(e) == {"route", "t", "status", "retry_after", "app"} for e in snap["guests"][guest.asi])
     assert "admin" not in snap["requests"] and "_admin" not in json.dumps(snap["requests"])
 
 
