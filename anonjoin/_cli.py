@@ -11,13 +11,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from anonjoin._cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from anonjoin._exceptions import AnonJoinError, ConfigurationError
 from anonjoin._version import __version__
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,21 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from anonjoin._auth import ClientSecretCredential
+from anonjoin._cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    REQUIRED_FOR_TARGET,
+    add_target_arguments,
+    is_target,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    settings_from_args,
+    simulator_settings,
+)
 from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
@@ -36,25 +51,9 @@ from anonjoin._exceptions import (
 )
 from anonjoin._settings import InsecureTLSWarning, TargetSettings
 
-__all__ = ["add_target_arguments", "register", "run", "settings_from_args"]
+__all__ = ["register", "run"]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-
-REQUIRED_FOR_TARGET = (
-    "discover_url",
-    "authority",
-    "client_id",
-    "client_secret",
-    "endpoint_id",
-    "meeting_url",
-    "origin",
-)
-# Settings that, given alone, do not name a deployment (so the embedded simulator is still used).
-_NOT_A_TARGET = {"client_secret"}
+_REQUIRED_FOR_JOIN = (*REQUIRED_FOR_TARGET, "meeting_url", "origin")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,103 +70,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--hold",
         metavar="SECONDS",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="stay in the meeting this long before leaving (default 0)",
     )
     parser.add_argument(
         "--lobby-timeout",
         metavar="SECONDS",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="give up waiting in the lobby after this long",
     )
     parser.add_argument(
         "--attempts",
         metavar="N",
-        type=_attempts,
+        type=positive_int,
         default=None,
         help="attempts per step, the first included (default: the client's RetryPolicy)",
     )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object (nothing else)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
     parser.set_defaults(run=run)
-
-
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """The target and credential flags, shared by the sub-commands that talk to a deployment.
-
-    Read them back with :func:`settings_from_args` (flags over ``ANONJOIN_*`` over ``--config FILE``).
-    """
-    target = parser.add_argument_group("target (all or none)")
-    target.add_argument("--discover-url", metavar="URL", help="the Trusted Application API discover URL")
-    target.add_argument("--authority", metavar="URL", help="Azure AD authority, https://host/<tenant>")
-    target.add_argument(
-        "--tenant",
-        help="tenant, when --authority has no tenant path (default: the domain of --endpoint-id)",
-    )
-    target.add_argument("--client-id", metavar="ID", help="the service application's Azure AD app id")
-    target.add_argument(
-        "--client-secret",
-        metavar="SECRET",
-        help="the app's client secret (prefer ANONJOIN_CLIENT_SECRET: flags show up in process lists)",
-    )
-    target.add_argument("--endpoint-id", metavar="SIP_URI", help="application endpoint, sip:app@domain")
-    target.add_argument("--meeting-url", metavar="URL", help="the meeting's HTTP join URL")
-    target.add_argument("--origin", metavar="ORIGIN", help="the origin the guest presents, https://host")
-    target.add_argument("--scope", help="Azure AD scope (default https://api.skypeforbusiness.com/.default)")
-    parser.add_argument("--display-name", metavar="NAME", help="the guest's display name")
-    parser.add_argument("--ca-file", metavar="PEM", help="CA bundle to trust for the target (and Azure AD)")
-    parser.add_argument(
-        "--insecure", action="store_true", default=None, help="do not verify TLS certificates (test only)"
-    )
-    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with the settings above")
-
-
-def settings_from_args(ns: argparse.Namespace) -> TargetSettings:
-    """The TargetSettings for flags added by :func:`add_target_arguments` (absent flags are ``None``)."""
-    return TargetSettings.load(
-        config_file=ns.config,
-        discover_url=ns.discover_url,
-        authority=ns.authority,
-        tenant=ns.tenant,
-        client_id=ns.client_id,
-        client_secret=ns.client_secret,
-        endpoint_id=ns.endpoint_id,
-        meeting_url=ns.meeting_url,
-        origin=ns.origin,
-        scope=ns.scope,
-        display_name=ns.display_name,
-        ca_file=ns.ca_file,
-        insecure=ns.insecure,
-    )
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
-    return value
-
-
-def _attempts(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -356,11 +279,10 @@ async def _main_until_signalled(ns: argparse.Namespace, report: _Report) -> int:
 
 async def _main(ns: argparse.Namespace, report: _Report) -> int:
     settings = settings_from_args(ns)
-    targets = [name for name in settings.given_target_fields() if name not in _NOT_A_TARGET]
-    if not targets:
+    if not is_target(settings):
         async with _embedded_simulator(settings, report) as simulated:
             return await _join(ns, simulated, report)
-    settings.require(*REQUIRED_FOR_TARGET)
+    settings.require(*_REQUIRED_FOR_JOIN)
     report.target = redact_url(settings.discover_url)
     report.line(f"anonjoin join: target {report.target}")
     return await _join(ns, settings, report)
@@ -374,20 +296,7 @@ async def _embedded_simulator(settings: TargetSettings, report: _Report) -> Asyn
         info = sim.info
         report.target = "embedded simulator"
         report.line(f"anonjoin join: no target given: started the embedded simulator at {info.discover_url}")
-        yield TargetSettings.load(
-            use_env=False,
-            discover_url=info.discover_url,
-            authority=info.authority,
-            tenant=info.tenant,
-            client_id=info.client_id,
-            client_secret=info.client_secret,
-            endpoint_id=info.endpoint_id,
-            meeting_url=info.meeting_url,
-            origin=info.origin,
-            scope=info.scope,
-            ca_file=info.ca_file,
-            display_name=settings.display_name,
-        )
+        yield simulator_settings(info, display_name=settings.display_name)
 
 
 async def _join(ns: argparse.Namespace, settings: TargetSettings, report: _Report) -> int:

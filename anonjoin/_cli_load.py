@@ -21,7 +21,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import math
 import signal
 import sys
 import time
@@ -31,16 +30,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from anonjoin._cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    REQUIRED_FOR_TARGET,
+    add_target_arguments,
+    is_target,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    settings_from_args,
+    simulator_settings,
+)
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
 from anonjoin._settings import TargetSettings
 from anonjoin._store import MemorySessionStore, SessionStore, SqliteSessionStore, default_store_path
 
 __all__ = ["register", "run_load_command", "run_rejoin_command", "run_sessions_command"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 DEFAULT_GUESTS = 300
 DEFAULT_CONCURRENCY = 50
@@ -51,74 +60,10 @@ DEFAULT_HTML = "anonjoin-report.html"
 GUARD_GUESTS = 50
 MEMORY_STORE = ":memory:"
 
-REQUIRED_FOR_TARGET = ("discover_url", "authority", "client_id", "client_secret", "endpoint_id")
-_NOT_A_TARGET = {"client_secret"}
-
 log = logging.getLogger("anonjoin.cli")
 
 
 # -- flags -----------------------------------------------------------------------------------------
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
-
-
-def add_target_flags(parser: argparse.ArgumentParser, *, meeting: bool = True) -> None:
-    """The target flags of ``anonjoin join`` (same names, same meaning)."""
-    target = parser.add_argument_group("target (none: the embedded simulator)")
-    target.add_argument("--discover-url", metavar="URL", help="the Trusted Application API discover URL")
-    target.add_argument("--authority", metavar="URL", help="Azure AD authority, https://host/<tenant>")
-    target.add_argument("--tenant", help="tenant (default: the domain of --endpoint-id)")
-    target.add_argument("--client-id", metavar="ID", help="the service application's Azure AD app id")
-    target.add_argument(
-        "--client-secret",
-        metavar="SECRET",
-        help="the app's client secret (prefer ANONJOIN_CLIENT_SECRET: flags show up in process lists)",
-    )
-    target.add_argument("--endpoint-id", metavar="SIP_URI", help="application endpoint, sip:app@domain")
-    if meeting:
-        target.add_argument("--meeting-url", metavar="URL", help="the meeting's HTTP join URL")
-    target.add_argument("--origin", metavar="ORIGIN", help="the origin the guests present, https://host")
-    target.add_argument("--scope", help="Azure AD scope (default https://api.skypeforbusiness.com/.default)")
-    target.add_argument("--ca-file", metavar="PEM", help="CA bundle to trust for the target (and Azure AD)")
-    target.add_argument(
-        "--insecure", action="store_true", default=None, help="do not verify TLS certificates (test only)"
-    )
-    target.add_argument("--config", metavar="FILE", help="TOML or JSON file with the settings above")
 
 
 def _store_flag(parser: argparse._ActionsContainer) -> None:
@@ -143,16 +88,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     run = load.add_argument_group("the run")
-    run.add_argument("--guests", type=_non_negative_int, default=DEFAULT_GUESTS, help="guests (default 300)")
+    run.add_argument("--guests", type=non_negative_int, default=DEFAULT_GUESTS, help="guests (default 300)")
     run.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_CONCURRENCY,
         help="joins in flight at most (default 50); the connection pool is sized to it",
     )
     sched = run.add_mutually_exclusive_group()
     sched.add_argument(
-        "--rate", type=_positive_float, metavar="R", help="arrivals per second (default: as fast as allowed)"
+        "--rate", type=positive_float, metavar="R", help="arrivals per second (default: as fast as allowed)"
     )
     sched.add_argument(
         "--ramp",
@@ -161,14 +106,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--hold",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_HOLD_S,
         metavar="S",
         help="seconds each guest stays joined before it leaves (default 5)",
     )
     run.add_argument(
         "--meetings",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=f"spread guests over N meetings, creating N-1 (default {DEFAULT_SIM_MEETINGS} on the "
@@ -179,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--guest-prefix", default="guest-", metavar="P", help="guest ids are P0001... (default guest-)"
     )
     run.add_argument(
-        "--lobby-timeout", type=_positive_float, default=None, metavar="S", help="lobby wait limit"
+        "--lobby-timeout", type=positive_float, default=None, metavar="S", help="lobby wait limit"
     )
     run.add_argument(
         "--shared-throttle",
@@ -217,14 +162,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     out.add_argument(
         "--progress-interval",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="S",
         help="seconds between progress updates (default 0.25 for the bar, 5 for plain lines)",
     )
     out.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
     _store_flag(out)
-    add_target_flags(load)
+    add_target_arguments(load, display_name=False)
     load.set_defaults(run=run_load_command)
 
     rejoin = subparsers.add_parser(
@@ -237,15 +182,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     rejoin.add_argument("--guest", required=True, metavar="ID", help="the guest id (see anonjoin sessions)")
-    rejoin.add_argument("--hold", type=_non_negative_float, default=0.0, metavar="S", help="stay this long")
+    rejoin.add_argument("--hold", type=non_negative_float, default=0.0, metavar="S", help="stay this long")
     rejoin.add_argument("--json", action="store_true", help="print one JSON object")
     _store_flag(rejoin)
-    add_target_flags(rejoin)
+    add_target_arguments(rejoin, display_name=False)
     rejoin.set_defaults(run=run_rejoin_command)
 
     sessions = subparsers.add_parser("sessions", help="list the session store")
     sessions.add_argument("--json", action="store_true", help="print JSON (one array)")
-    sessions.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="the newest N only")
+    sessions.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the newest N only")
     _store_flag(sessions)
     sessions.set_defaults(run=run_sessions_command)
 
@@ -309,28 +254,6 @@ def open_store(path: str | None, *, create: bool = True) -> SessionStore:
     return SqliteSessionStore(file)
 
 
-def _settings_from(ns: argparse.Namespace, **extra: Any) -> TargetSettings:
-    return TargetSettings.load(
-        config_file=ns.config,
-        discover_url=ns.discover_url,
-        authority=ns.authority,
-        tenant=ns.tenant,
-        client_id=ns.client_id,
-        client_secret=ns.client_secret,
-        endpoint_id=ns.endpoint_id,
-        meeting_url=getattr(ns, "meeting_url", None),
-        origin=ns.origin,
-        scope=ns.scope,
-        ca_file=ns.ca_file,
-        insecure=ns.insecure,
-        **extra,
-    )
-
-
-def _is_target(settings: TargetSettings) -> bool:
-    return any(name not in _NOT_A_TARGET for name in settings.given_target_fields())
-
-
 def is_loopback_url(url: str | None) -> bool:
     """Whether ``url``'s host is loopback: ``localhost`` or a loopback IP literal (names are not resolved)."""
     if not url:
@@ -354,7 +277,7 @@ class _Target:
 
 @contextlib.asynccontextmanager
 async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIterator[_Target]:
-    if _is_target(settings):
+    if is_target(settings):
         if ns.faults != "none":
             raise ConfigurationError("--faults applies to the embedded simulator only (no target given)")
         settings.require(*REQUIRED_FOR_TARGET, "meeting_url", "origin")
@@ -366,20 +289,7 @@ async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIter
     profile = FaultProfile.load(ns.faults)  # ConfigurationError for an unknown name or a bad file
     async with Simulator(SimulatorConfig(seed=ns.seed, faults=profile)) as sim:
         info = sim.info
-        simulated = TargetSettings.load(
-            use_env=False,
-            discover_url=info.discover_url,
-            authority=info.authority,
-            tenant=info.tenant,
-            client_id=info.client_id,
-            client_secret=info.client_secret,
-            endpoint_id=info.endpoint_id,
-            meeting_url=info.meeting_url,
-            origin=info.origin,
-            scope=info.scope,
-            ca_file=info.ca_file,
-            display_name=settings.display_name,
-        )
+        simulated = simulator_settings(info, display_name=settings.display_name)
         label = f"embedded simulator (faults {profile.name}, seed {ns.seed})"
         yield _Target(simulated, label, embedded=True, simulator=sim)
 
@@ -438,8 +348,8 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
     from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
 
     display = ns.display_name or "anonjoin guest {n}"
-    settings = _settings_from(ns, display_name=display.replace("{n}", "1"))
-    if _is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service:
+    settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
+    if is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service:
         for url in (settings.discover_url, settings.meeting_url):
             if url is not None and not is_loopback_url(url):
                 raise ConfigurationError(
@@ -618,8 +528,8 @@ async def _rejoin(ns: argparse.Namespace) -> int:
             raise ConfigurationError(
                 f"no session for guest {ns.guest!r} in the store (anonjoin sessions lists the guests)"
             )
-        settings = _settings_from(ns, display_name=record.display_name)
-        if not _is_target(settings):
+        settings = settings_from_args(ns, display_name=record.display_name)
+        if not is_target(settings):
             raise ConfigurationError(
                 "rejoin needs the target the guest joined: give --discover-url and the other target flags, "
                 "the ANONJOIN_* environment or --config"

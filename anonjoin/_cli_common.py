@@ -1,0 +1,130 @@
+"""What the sub-commands share: exit codes, argument types, the target flags and how they become settings."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING, Any
+
+from anonjoin._settings import TargetSettings
+
+if TYPE_CHECKING:
+    from anonjoin.simulator import SimulatorInfo
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+# The settings that name a deployment; given none of them, a sub-command uses the embedded simulator.
+# The secret alone does not name one.
+NOT_A_TARGET = frozenset({"client_secret"})
+REQUIRED_FOR_TARGET = ("discover_url", "authority", "client_id", "client_secret", "endpoint_id")
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def add_target_arguments(parser: argparse.ArgumentParser, *, display_name: bool = True) -> None:
+    """The target and credential flags of every sub-command that talks to a deployment.
+
+    Read them back with :func:`settings_from_args` (flags over ``ANONJOIN_*`` over ``--config FILE``).
+    """
+    target = parser.add_argument_group("target (none: the embedded simulator)")
+    target.add_argument("--discover-url", metavar="URL", help="the Trusted Application API discover URL")
+    target.add_argument("--authority", metavar="URL", help="Azure AD authority, https://host/<tenant>")
+    target.add_argument(
+        "--tenant", help="tenant, when --authority has no tenant path (default: the domain of --endpoint-id)"
+    )
+    target.add_argument("--client-id", metavar="ID", help="the service application's Azure AD app id")
+    target.add_argument(
+        "--client-secret",
+        metavar="SECRET",
+        help="the app's client secret (prefer ANONJOIN_CLIENT_SECRET: flags show up in process lists)",
+    )
+    target.add_argument("--endpoint-id", metavar="SIP_URI", help="application endpoint, sip:app@domain")
+    target.add_argument("--meeting-url", metavar="URL", help="the meeting's HTTP join URL")
+    target.add_argument("--origin", metavar="ORIGIN", help="the origin the guests present, https://host")
+    target.add_argument("--scope", help="Azure AD scope (default https://api.skypeforbusiness.com/.default)")
+    if display_name:
+        target.add_argument("--display-name", metavar="NAME", help="the guest's display name")
+    target.add_argument("--ca-file", metavar="PEM", help="CA bundle to trust for the target (and Azure AD)")
+    target.add_argument(
+        "--insecure", action="store_true", default=None, help="do not verify TLS certificates (test only)"
+    )
+    target.add_argument("--config", metavar="FILE", help="TOML or JSON file with the settings above")
+
+
+def settings_from_args(ns: argparse.Namespace, **overrides: Any) -> TargetSettings:
+    """The TargetSettings for the flags of :func:`add_target_arguments` (absent flags are ``None``)."""
+    given: dict[str, Any] = {
+        "discover_url": ns.discover_url,
+        "authority": ns.authority,
+        "tenant": ns.tenant,
+        "client_id": ns.client_id,
+        "client_secret": ns.client_secret,
+        "endpoint_id": ns.endpoint_id,
+        "meeting_url": ns.meeting_url,
+        "origin": ns.origin,
+        "scope": ns.scope,
+        "display_name": getattr(ns, "display_name", None),
+        "ca_file": ns.ca_file,
+        "insecure": ns.insecure,
+    }
+    given.update(overrides)
+    return TargetSettings.load(config_file=ns.config, **given)
+
+
+def is_target(settings: TargetSettings) -> bool:
+    """Whether the settings name a deployment (else the embedded simulator is used)."""
+    return any(name not in NOT_A_TARGET for name in settings.given_target_fields())
+
+
+def simulator_settings(info: SimulatorInfo, *, display_name: str | None) -> TargetSettings:
+    """The TargetSettings that point at a running simulator (the environment is not read)."""
+    return TargetSettings.load(
+        use_env=False,
+        discover_url=info.discover_url,
+        authority=info.authority,
+        tenant=info.tenant,
+        client_id=info.client_id,
+        client_secret=info.client_secret,
+        endpoint_id=info.endpoint_id,
+        meeting_url=info.meeting_url,
+        origin=info.origin,
+        scope=info.scope,
+        ca_file=info.ca_file,
+        display_name=display_name,
+    )
