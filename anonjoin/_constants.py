@@ -18,10 +18,19 @@ REQUEST_TIMEOUT_S: Final = 30.0
 POLL_TIMEOUT_S: Final = 180.0
 """The server's default long-poll time (protocol.md §4.8); a poll read times out after this plus a margin."""
 POLL_TIMEOUT_MARGIN_S: Final = 30.0
-DELETE_TIMEOUT_S: Final = 30.0
-"""Budget of the DELETE of an application when leaving or cleaning up (a DELETE given up leaves the
-application live until the service expires it, so it gets more time and attempts than other steps)."""
+LEAVE_TIMEOUT_S: Final = 25.0
+"""Budget of leaving as a whole (a create in flight answering, a fresh psat if the one in hand expired, the
+DELETEs): an application given up on stays live until the service expires it, so leaving gets more time and
+attempts than other steps. Below the load runner's 30 s per leave."""
 DELETE_ATTEMPTS: Final = 10
+"""Attempts of one DELETE (429/503/5xx, Retry-After honoured); a 401 re-mints the psat and starts again."""
+LEAVE_REMINTS: Final = 2
+"""Fresh psats (same applicationSessionId) one leave may mint after a 401."""
+EVICT_ATTEMPTS: Final = 3
+"""Leaving when a create may have made an application whose href the guest never learnt: how many times a
+new application (which evicts it, protocol.md §7) may be created, to be deleted in its turn."""
+PSAT_SKEW_S: Final = 0.5
+"""A psat with less than this left is treated as expired (clock skew, time in flight)."""
 LEAVE_DRAIN_S: Final = 1.0
 """After the DELETE, how long a parked poll may take to come back (keeping its connection)."""
 

@@ -9,9 +9,10 @@ Every state change goes through :class:`GuestMachine`; every failure through :fu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -21,7 +22,14 @@ from yarl import URL
 
 from anonjoin import _constants as C
 from anonjoin._events import ChannelEvent, Event, GuestEvent, GuestEventKind, Observer, Step, log_event
-from anonjoin._exceptions import AnonJoinError, JoinFailed, ProtocolError, ServiceError, redact_url
+from anonjoin._exceptions import (
+    AnonJoinError,
+    JoinFailed,
+    ProtocolError,
+    RequestNotSentError,
+    ServiceError,
+    redact_url,
+)
 from anonjoin._http import HttpClient, Response, request_id
 from anonjoin._models import (
     ApplicationBody,
@@ -48,6 +56,7 @@ from anonjoin._protocol import (
     Input,
     Signal,
     classify,
+    leave_without_meeting,
     settle,
     signal_of,
 )
@@ -132,7 +141,13 @@ class Guest:
         self._grant: GuestGrant | None = None
         self._rejoin_due: float | None = None  # monotonic instant to rejoin ahead of psat expiry
         self._anon_apps_url: URL | None = None
+        # The application to delete when leaving: the newest this guest created and does not know deleted
+        # (a new one for the same applicationSessionId evicts the old one, protocol.md §7, so there is at
+        # most one). ``_app_unknown``: a create may have made a newer one whose href the guest never learnt.
         self._app_url: URL | None = None
+        self._app_unknown = False
+        self._creating: asyncio.Task[tuple[ApplicationBody, Response]] | None = None
+        self._leave_grant: GuestGrant | None = None  # a psat minted for leaving (the guest's had expired)
         self._events_url: URL | None = None
         self._join_url: URL | None = None
         self._task: asyncio.Task[None] | None = None
@@ -205,13 +220,14 @@ class Guest:
                 self._finish(None)
             return
         task = self._task
-        if not task.done() and (self._in_poll_wait or self._leave_now.done()):
+        if not task.done() and (self._in_poll_wait or self._leave_now.done() or self._m.terminal):
             # Graceful: the poll loop DELETEs while its poll is parked; the service releases the poll, so
-            # its connection goes back to the pool instead of being torn down.
+            # its connection goes back to the pool instead of being torn down. A guest already ended or
+            # failed is in its own (bounded) cleanup: cancelling it would leave its application live.
             if not self._leave_now.done():
                 self._leave_now.set_result(None)
             try:
-                done, _ = await asyncio.wait({task}, timeout=C.DELETE_TIMEOUT_S + C.LEAVE_DRAIN_S)
+                done, _ = await asyncio.wait({task}, timeout=C.LEAVE_TIMEOUT_S + 2 * C.LEAVE_DRAIN_S)
             except asyncio.CancelledError:
                 await self._cancel_task()
                 raise
@@ -244,7 +260,10 @@ class Guest:
             cur = asyncio.current_task()
             if cur is not None:
                 cur.uncancel()
-            await self._on_cancelled()
+            try:
+                await self._on_cancelled()
+            finally:  # cancelled again in the middle of the cleanup: still accounted for
+                self._finish(self._error if self._m.state is GuestState.FAILED else None)
         except Exception as exc:  # pragma: no cover - a bug; keep the guest accounted for
             log_event(
                 log, logging.ERROR, "anonjoin.guest.bug", guest_id=self.guest_id, error=type(exc).__name__
@@ -256,12 +275,17 @@ class Guest:
             self._finish(self._error)
 
     async def _on_cancelled(self) -> None:
-        if self._m.terminal:
+        """Cancelled (leave() in a step, a cancelled join(), Client.aclose()): clean up all the same, also
+        when the cancel came in the middle of the cleanup that ends a guest that ended or failed."""
+        m = self._m
+        if self._closed.done():
             return
-        self._m.handle(Input.LEAVE)
-        await self._cleanup_app()
-        self._m.handle(Input.DELETED)
-        self._finish(None)
+        if not m.terminal:
+            m.handle(Input.LEAVE)
+        if not (m.state is GuestState.LEFT and m.reason == "PGetReplaced"):
+            await self._cleanup_app()
+        if m.state is GuestState.LEAVING:
+            m.handle(Input.DELETED)
 
     def _now(self) -> float:
         return self._ctx.clock.monotonic()
@@ -343,7 +367,7 @@ class Guest:
                 and (m.state, Input.APP_GONE) in TRANSITIONS
             ):
                 self._emit("rejoining", reason)
-                self._app_url = self._events_url = None
+                self._events_url = None  # the application stays the one to delete until a new one replaces it
                 m.handle(Input.APP_GONE, reason)
                 await self._rejoin_wait()
                 self._start_join()
@@ -390,10 +414,11 @@ class Guest:
 
     # --- steps ---------------------------------------------------------------------------------------------
 
-    def _guest_headers(self, *, auth: bool = True) -> dict[str, str]:
+    def _guest_headers(self, *, auth: bool = True, grant: GuestGrant | None = None) -> dict[str, str]:
         h = {"Origin": self.origin}
-        if auth and self._grant is not None:
-            h["Authorization"] = f"Bearer {self._grant.token}"
+        grant = grant or self._grant
+        if auth and grant is not None:
+            h["Authorization"] = f"Bearer {grant.token}"
         return h
 
     def _guest_request(
@@ -408,6 +433,7 @@ class Guest:
         timeout_s: float | None = None,
         deadline_at: float | None = None,
         quiet: Callable[[], bool] | None = None,
+        grant: GuestGrant | None = None,
     ) -> Coroutine[Any, Any, Response]:
         """The step as a coroutine (not a coroutine of its own: one await level less on every resume)."""
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
@@ -417,7 +443,7 @@ class Guest:
             step,
             method,
             url,
-            headers=self._guest_headers(auth=auth),
+            headers=self._guest_headers(auth=auth, grant=grant),
             body=data,
             poll=poll,
             quiet=quiet,
@@ -472,22 +498,11 @@ class Guest:
         self.conference_id = conf
 
     async def _create(self) -> None:
-        if self._anon_apps_url is None:
-            raise ProtocolError("no anonApplications link", step="anon_applications")
-        body = {
-            "anonymousDisplayName": self.display_name,
-            "culture": self._ctx.culture,
-            "userAgent": self._ctx.user_agent,
-        }
-        r = await self._guest_request("anon_applications", "POST", self._anon_apps_url, body=body)
-        a = parse_body(
-            ApplicationBody,
-            r.body,
-            step="anon_applications",
-            status=r.status,
-            correlation_id=r.correlation_id,
-        )
-        self._app_url = require_link(a.links, r.url, "self", step="anon_applications", status=r.status)
+        # The POST runs in its own task, shielded: a leave or a cancel while it is in flight does not lose
+        # its answer, so the application it made is known (and deleted) instead of left live.
+        task = asyncio.create_task(self._post_application(), name=f"anonjoin-create-{self.guest_id}")
+        self._creating = task
+        a, r = await asyncio.shield(task)
         self._events_url = require_link(a.links, r.url, "events", step="anon_applications", status=r.status)
         comm = embedded_resource(a.embedded, "communication")
         href = find_href(embedded_links(comm), "joinOnlineMeeting")
@@ -498,6 +513,50 @@ class Guest:
                 status=r.status,
             )
         self._join_url = resolve(r.url, href, step="anon_applications")
+
+    async def _post_application(
+        self, deadline_at: float | None = None, grant: GuestGrant | None = None
+    ) -> tuple[ApplicationBody, Response]:
+        """POST anonApplications; the new application becomes the one to delete (the service evicts this
+        guest's previous one). Until its answer is read, ``_app_unknown`` says one may exist unnamed."""
+        if self._anon_apps_url is None:
+            raise ProtocolError("no anonApplications link", step="anon_applications")
+        body = {
+            "anonymousDisplayName": self.display_name,
+            "culture": self._ctx.culture,
+            "userAgent": self._ctx.user_agent,
+        }
+        unknown, self._app_unknown = self._app_unknown, True
+        try:
+            r = await self._guest_request(
+                "anon_applications",
+                "POST",
+                self._anon_apps_url,
+                body=body,
+                deadline_at=deadline_at,
+                grant=grant,
+            )
+        except (ServiceError, RequestNotSentError):
+            self._app_unknown = unknown  # answered without creating one, or never sent
+            raise
+        try:
+            a = parse_body(
+                ApplicationBody,
+                r.body,
+                step="anon_applications",
+                status=r.status,
+                correlation_id=r.correlation_id,
+            )
+            self._app_url = require_link(a.links, r.url, "self", step="anon_applications", status=r.status)
+        except ProtocolError:
+            loc = r.headers.get("Location")  # created all the same: name it by its Location if there is one
+            if loc:
+                with contextlib.suppress(ProtocolError):
+                    self._app_url = resolve(r.url, loc, step="anon_applications")
+                    self._app_unknown = False
+            raise
+        self._app_unknown = False
+        return a, r
 
     async def _invite(self) -> None:
         if self._join_url is None or not self.conference_id:
@@ -657,8 +716,7 @@ class Guest:
                     self._recoveries += 1
                     m.handle(Input.DROPPED, o.reason)
                     self._emit("rejoining", o.reason)
-                    self._app_url = None  # the service evicts it when the same asi comes back
-                    self._start_join()
+                    self._start_join()  # the new application evicts this one (deleted if the rejoin stops)
                 else:
                     self._error = JoinFailed(o.reason or "Dropped", "dropped from the meeting")
                     m.handle(Input.FAIL, o.reason or "Dropped")
@@ -712,54 +770,155 @@ class Guest:
         self._finish(self._error if m.state is GuestState.FAILED else None)
 
     async def _cleanup_app(self) -> None:
-        url, grant = self._app_url, self._grant
-        self._app_url = None
-        if url is not None and grant is not None:
-            await self._delete_app(url, grant)
-        if self._bg:  # DELETEs of replaced applications still running: bounded, never left behind
-            await asyncio.gather(*self._bg, return_exceptions=True)
+        """Leave nothing live, within LEAVE_TIMEOUT_S (issue 6): the application this guest created last is
+        deleted, including one whose create was in flight when the guest stopped, and one a create may have
+        made without the guest learning its href (a new application evicts it and is deleted in its turn).
+        DELETEs of replaced applications still running in the background are awaited first."""
+        deadline = self._now() + C.LEAVE_TIMEOUT_S
+        creating = self._creating
+        if creating is not None and not creating.done():
+            await self._wait_until({creating}, deadline)  # its answer says which application is the last
+        if self._bg:
+            await self._wait_until(set(self._bg), deadline)
+        if self._app_unknown:
+            await self._evict(deadline)
+        url = self._app_url
+        if url is not None:
+            await self._delete_app(url, deadline)
+
+    async def _wait_until(self, tasks: set[asyncio.Task[Any]], deadline: float) -> None:
+        """Wait for ``tasks`` until ``deadline``; those still running then are cancelled and reaped."""
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - self._now()))
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for t in done:  # a create's failure was its driver's to see; once that was cancelled, it is ours
+            if not t.cancelled():
+                t.exception()
 
     def _delete_in_background(self) -> None:
         """Before an expiry rejoin: DELETE the current application while its psat is still valid (if the
-        rejoin cannot complete, e.g. the meeting ended, nothing could delete it later)."""
+        rejoin cannot complete, e.g. the meeting ended, leaving would need a psat minted without the
+        meeting). It stays the application to delete until the DELETE succeeds or a new one replaces it.
+        With the psat already expired nothing is sent: the rejoin's new application evicts it."""
         url, grant = self._app_url, self._grant
-        self._app_url = None
-        if url is None or grant is None:
+        if url is None or grant is None or not self._psat_valid(grant):
             return
-        task = asyncio.create_task(self._delete_app(url, grant), name=f"anonjoin-delete-{self.guest_id}")
+        coro = self._delete_app(url, self._now() + C.LEAVE_TIMEOUT_S, mint=False)
+        task = asyncio.create_task(coro, name=f"anonjoin-delete-{self.guest_id}")
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
-    async def _delete_app(self, url: URL, grant: GuestGrant) -> None:
+    def _psat_valid(self, grant: GuestGrant) -> bool:
+        return grant.expiry_epoch - self._ctx.clock.time() > C.PSAT_SKEW_S
+
+    async def _delete_app(self, url: URL, deadline_at: float, *, mint: bool = True) -> None:
+        """DELETE one application until it is gone (a 404/410 says it already is), by ``deadline_at``.
+        ``mint=False`` (in the background, while a rejoin mints its own psat): never mint one."""
+        op = partial(self._delete_with, url, deadline_at)
+        done = await self._with_leave_psat("delete_application", op, deadline_at, mint=mint)
+        if done and self._app_url == url:
+            self._app_url = None
+
+    async def _delete_with(self, url: URL, deadline_at: float, grant: GuestGrant) -> None:
         headers = {"Origin": self.origin, "Authorization": f"Bearer {grant.token}"}
 
         async def attempt(att: Attempt) -> None:
             try:
                 await self._ctx.http.request("delete_application", "DELETE", url, att, headers=headers)
             except ServiceError as exc:
-                if exc.status not in (404, 410):
+                if classify("delete_application", exc).action is not Action.DONE:
                     raise
 
-        pol = self._ctx.retry
-        try:  # bounded: no attempt starts after the deadline and each is clipped to the time left
-            await self._ctx.runner.run(
-                "delete_application",
-                attempt,
-                guest_id=self.guest_id,
-                deadline_at=self._now() + C.DELETE_TIMEOUT_S,
-                timeout_s=min(pol.request_timeout_s, C.DELETE_TIMEOUT_S),
-                attempts=max(pol.attempts, C.DELETE_ATTEMPTS),
-                holdoff=self._holdoff,
-            )
+        # bounded: no attempt starts after the deadline and each is clipped to the time left
+        await self._ctx.runner.run(
+            "delete_application",
+            attempt,
+            guest_id=self.guest_id,
+            deadline_at=deadline_at,
+            attempts=max(self._ctx.retry.attempts, C.DELETE_ATTEMPTS),
+            holdoff=self._holdoff,
+        )
+
+    async def _evict(self, deadline_at: float) -> None:
+        """A create may have made an application this guest cannot name: create another one for the same
+        applicationSessionId, which evicts it (protocol.md §7); the caller deletes that one."""
+        op = partial(self._post_application, deadline_at)
+        for _ in range(C.EVICT_ATTEMPTS):
+            if not self._app_unknown or self._anon_apps_url is None or self._now() >= deadline_at:
+                return
+            if await self._with_leave_psat("anon_applications", op, deadline_at):
+                return
+
+    async def _with_leave_psat(
+        self,
+        step: Step,
+        op: Callable[[GuestGrant], Awaitable[object]],
+        deadline_at: float,
+        *,
+        mint: bool = True,
+    ) -> bool:
+        """Run a request of leaving with a valid psat; after a 401, once more with a fresh one (bounded).
+        True when it succeeded; a failure :func:`classify` does not answer with REMINT is the end of it."""
+        rejected: GuestGrant | None = None
+        for _ in range(C.LEAVE_REMINTS + 1):
+            try:
+                grant = await self._leave_psat(rejected, deadline_at, mint=mint)
+            except AnonJoinError as exc:
+                self._leave_failed("anon_tokens", exc)
+                return False
+            if grant is None:
+                return False  # no valid psat in hand, and not ours to mint one
+            try:
+                await op(grant)
+            except AnonJoinError as exc:
+                if classify(step, exc).action is not Action.REMINT:
+                    self._leave_failed(step, exc)
+                    return False
+                rejected = grant
+            else:
+                return True
+        return False
+
+    async def _leave_psat(
+        self, rejected: GuestGrant | None, deadline_at: float, *, mint: bool = True
+    ) -> GuestGrant | None:
+        """A psat for leaving: the guest's own (or one minted for leaving) while valid and not ``rejected``
+        by a 401; else a new one for the same applicationSessionId, for the meeting or, when the meeting is
+        gone, for the guest's identity alone (:func:`leave_without_meeting`)."""
+        for g in (self._grant, self._leave_grant):
+            if g is not None and g is not rejected and self._psat_valid(g):
+                return g
+        if not mint:
+            return None
+        new = partial(
+            self._ctx.service.mint_grant,
+            allowed_origins=self.origin,
+            application_session_id=self.application_session_id,
+            guest_id=self.guest_id,
+            holdoff=self._holdoff,
+            deadline_at=deadline_at,
+        )
+        try:
+            grant = await new(meeting_url=self.meeting_url)
         except AnonJoinError as exc:
-            log_event(
-                log,
-                logging.INFO,
-                "anonjoin.guest.delete_failed",
-                guest_id=self.guest_id,
-                error=type(exc).__name__,
-                url=redact_url(url),
-            )
+            if not leave_without_meeting(exc):
+                raise
+            grant = await new(meeting_url=None)
+        self._leave_grant = grant  # never the guest's own: a rejoin in progress keeps using the one it minted
+        return grant
+
+    def _leave_failed(self, step: Step, exc: AnonJoinError) -> None:
+        log_event(
+            log,
+            logging.INFO,
+            "anonjoin.guest.leave_failed",
+            guest_id=self.guest_id,
+            step=step,
+            error=type(exc).__name__,
+            url=redact_url(self._app_url) if self._app_url is not None else None,
+        )
 
     def _finish(self, error: AnonJoinError | None) -> None:
         if self._closed.done():

@@ -8,7 +8,10 @@ Rules of this module (like h11's ``_state.py``):
    (a guest already in a terminal state keeps it). There is no silent fall-through.
 3. What to do after a failure is decided in one place, :func:`classify` (protocol.md §6): retry the step,
    refresh the AAD token and retry once, re-mint the psat (same applicationSessionId) and redo the guest
-   steps, recreate the application, stop the poller, final, or "ended" (final, not a failure).
+   steps, recreate the application, stop the poller, final, "ended" (final, not a failure), or "done" (a
+   DELETE whose application is already gone). Leaving follows the same table: a DELETE answered 401 gets a
+   new psat for the same applicationSessionId and is sent again; :func:`leave_without_meeting` says when
+   that psat is minted without the meeting (the meeting is gone).
 4. Which step the driver performs in a state is :data:`STEP_FOR_STATE`; which steps may be repeated after a
    maybe-sent failure is :data:`SAFE_TO_REPEAT`. The two guest POSTs that are not safe
    (:data:`RECREATE_AFTER_MAYBE_SENT`) are never repeated in place: the application is recreated instead,
@@ -179,6 +182,7 @@ class Action(enum.Enum):
     RECREATE = "recreate"  # recreate the guest application (new psat if near expiry), rejoin
     REJOIN = "rejoin"  # a drop: rejoin with the same applicationSessionId if the policy allows
     STOP_POLLER = "stop_poller"  # 409 PGetReplaced: another poller took over
+    DONE = "done"  # what the step wanted is already so: the application to DELETE is gone (404/410)
     ENDED = "ended"  # the meeting is over: final, not a failure
     FINAL = "final"  # give up for this guest (or this call)
 
@@ -241,6 +245,8 @@ def classify(step: Step, error: BaseException) -> Decision:
         return Decision(Action.FINAL, reason)
     if isinstance(error, ServiceError):
         status, sub = error.status, error.subcode
+        if step == "delete_application" and status in (404, 410):
+            return Decision(Action.DONE, reason)  # deleted, evicted or expired: nothing left to delete
         if step == "events" and status == 409 and sub == "PGetReplaced":
             return Decision(Action.STOP_POLLER, reason)
         if status in RETRY_STATUSES:
@@ -276,6 +282,18 @@ def classify(step: Step, error: BaseException) -> Decision:
     if isinstance(error, ProtocolError | CapabilityNotAvailable | AnonJoinError):
         return Decision(Action.FINAL, reason)
     return Decision(Action.FINAL, reason)
+
+
+MEETING_GONE: Final = frozenset({"DestinationNotFound", "Ended"})
+"""Reasons that say the guest's meeting no longer exists (a psat for it can no longer be minted)."""
+
+
+def leave_without_meeting(error: BaseException) -> bool:
+    """Leaving needs a fresh psat (the one in hand expired) but minting one for the meeting failed: whether
+    to mint one without ``meetingUrl`` instead. A DELETE needs only the guest's identity, which is its
+    applicationSessionId (protocol.md §7), so when the meeting is gone a psat without a meeting still lets
+    the guest delete its application rather than leave it live until the service expires it."""
+    return classify("anon_tokens", error).action is Action.FINAL and error_reason(error) in MEETING_GONE
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -194,9 +194,13 @@ class _StepRun:
         self.guest_id = guest_id
         self.stats = stats
         self.decide = decide
-        step_deadline = self.clock.monotonic() + policy.step_deadline_s
-        self.deadline = step_deadline if deadline_at is None else min(step_deadline, deadline_at)
         self.per_request = timeout_s if timeout_s is not None else policy.request_timeout_s
+        # A step whose one request may legitimately last longer than usual (the long poll, held by the
+        # server for up to its timeout) gets that time on top of the step's budget for retries; otherwise
+        # a parked poll would be cut at the step deadline and the guest lost.
+        budget = policy.step_deadline_s + max(0.0, self.per_request - policy.request_timeout_s)
+        step_deadline = self.clock.monotonic() + budget
+        self.deadline = step_deadline if deadline_at is None else min(step_deadline, deadline_at)
         self.next_wait = 0.0
         self.retry = False
         self.refreshes = 0

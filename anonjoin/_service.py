@@ -234,7 +234,7 @@ class ServiceApp:
     async def mint_grant(
         self,
         *,
-        meeting_url: str,
+        meeting_url: str | None,
         allowed_origins: str | Sequence[str],
         application_session_id: str,
         guest_id: str | None = None,
@@ -243,11 +243,9 @@ class ServiceApp:
         holdoff: dict[str, float] | None = None,
     ) -> GuestGrant:
         origins = allowed_origins if isinstance(allowed_origins, str) else ";".join(allowed_origins)
-        body = {
-            "applicationSessionId": application_session_id,
-            "allowedOrigins": origins,
-            "meetingUrl": meeting_url,
-        }
+        body = {"applicationSessionId": application_session_id, "allowedOrigins": origins}
+        if meeting_url is not None:  # left out: a psat for the guest's identity only (not a meeting)
+            body["meetingUrl"] = meeting_url
         for refetch in (False, True):
             caps = await self.capabilities(deadline_at=deadline_at)
             if caps.anon_tokens_url is None:
@@ -279,7 +277,7 @@ class ServiceApp:
                 expires_at=t.expiry_time,
                 discover_url=str(discover),
                 application_session_id=application_session_id,
-                meeting_url=meeting_url,
+                meeting_url=meeting_url or "",
                 conference_id=confid if isinstance(confid, str) else None,
             )
         raise AssertionError("unreachable")  # pragma: no cover

@@ -28,6 +28,7 @@ from anonjoin._protocol import (
     Outcome,
     Signal,
     classify,
+    leave_without_meeting,
     settle,
     signal_of,
 )
@@ -130,10 +131,35 @@ def _se(
         ("anon_tokens", CapabilityNotAvailable("anonApplicationTokens"), Action.FINAL),
         ("discover", AuthError("no"), Action.FINAL),
         ("discover", AuthError("aad 503", retryable=True), Action.RETRY),
+        # leaving: an application already gone is what the DELETE wanted; an expired psat is re-minted
+        ("delete_application", _se(404, "ApplicationNotFound"), Action.DONE),
+        ("delete_application", _se(404), Action.DONE),
+        ("delete_application", _se(410, "InactiveApplicationExpired"), Action.DONE),
+        ("delete_application", _se(401), Action.REMINT),
+        ("delete_application", _se(429), Action.RETRY),
+        ("delete_application", _se(503), Action.RETRY),
+        ("delete_application", _se(500, code="ServiceFailure"), Action.RETRY),
+        ("delete_application", MaybeSentError("reset"), Action.RETRY),
+        ("delete_application", _se(403), Action.FINAL),
     ],
 )
 def test_failure_action_table(step: str, error: Exception, action: Action) -> None:
     assert classify(step, error).action is action  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("error", "without"),
+    [
+        (_se(404, "DestinationNotFound", step="anon_tokens"), True),
+        (_se(404, "Ended", step="anon_tokens"), True),
+        (_se(403, "Forbidden", step="anon_tokens"), False),
+        (_se(503, step="anon_tokens"), False),
+        (MaybeSentError("reset"), False),
+        (CapabilityNotAvailable("anonApplicationTokens"), False),
+    ],
+)
+def test_leave_mints_without_the_meeting_only_when_it_is_gone(error: Exception, without: bool) -> None:
+    assert leave_without_meeting(error) is without
 
 
 def test_safe_steps() -> None:
