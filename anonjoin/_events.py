@@ -96,6 +96,9 @@ class Hooks:
 
     on_step: Callable[[StepEvent], None] | None = None
     on_guest: Callable[[GuestEvent], None] | None = None
+    step_starts: bool = True
+    """Whether ``on_step`` also gets each attempt's ``"start"`` event (False: only the ``"end"`` events,
+    which carry the timing; one event less per request for a hook that ignores starts)."""
 
 
 def log_event(log: logging.Logger, level: int, event: str, message: str = "", **extra: Any) -> None:
@@ -110,46 +113,55 @@ def log_event(log: logging.Logger, level: int, event: str, message: str = "", **
 class Observer:
     """Calls the hooks safely and logs step/guest events with their dotted names."""
 
-    __slots__ = ("_glog", "_log", "_on_guest", "_on_step")
+    __slots__ = ("_glog", "_log", "_on_guest", "_on_step", "_step_starts")
 
     def __init__(self, hooks: Hooks | None) -> None:
         self._on_step = hooks.on_step if hooks else None
         self._on_guest = hooks.on_guest if hooks else None
+        self._step_starts = self._on_step is not None and (hooks is None or hooks.step_starts)
         self._log = logging.getLogger("anonjoin.client")
         self._glog = logging.getLogger("anonjoin.guest")
 
     def wants_steps(self) -> bool:
-        """Whether step events go anywhere (a hook, or DEBUG logging): skip building them otherwise."""
+        """Whether step end events go anywhere (a hook, or DEBUG logging): skip building them otherwise."""
         return self._on_step is not None or self._log.isEnabledFor(logging.DEBUG)
+
+    def wants_step_starts(self) -> bool:
+        """Whether step start events go anywhere (a hook that wants them, or DEBUG logging)."""
+        return self._step_starts or self._log.isEnabledFor(logging.DEBUG)
 
     def step(self, ev: StepEvent) -> None:
         if ev.phase == "start":
-            log_event(
-                self._log,
-                logging.DEBUG,
-                "anonjoin.step.start",
-                step=ev.step,
-                guest_id=ev.guest_id,
-                attempt=ev.attempt,
-                client_request_id=ev.client_request_id,
-            )
+            if self._log.isEnabledFor(logging.DEBUG):
+                log_event(
+                    self._log,
+                    logging.DEBUG,
+                    "anonjoin.step.start",
+                    step=ev.step,
+                    guest_id=ev.guest_id,
+                    attempt=ev.attempt,
+                    client_request_id=ev.client_request_id,
+                )
+            if not self._step_starts:
+                return
         else:
             name = "anonjoin.step.retry" if ev.outcome == "retry" else "anonjoin.step.end"
             level = logging.INFO if ev.outcome == "retry" else logging.DEBUG
-            log_event(
-                self._log,
-                level,
-                name,
-                step=ev.step,
-                guest_id=ev.guest_id,
-                attempt=ev.attempt,
-                status=ev.status,
-                outcome=ev.outcome,
-                retry_reason=ev.retry_reason,
-                duration_s=None if ev.duration_s is None else round(ev.duration_s, 4),
-                client_request_id=ev.client_request_id,
-                correlation_id=ev.correlation_id,
-            )
+            if self._log.isEnabledFor(level):
+                log_event(
+                    self._log,
+                    level,
+                    name,
+                    step=ev.step,
+                    guest_id=ev.guest_id,
+                    attempt=ev.attempt,
+                    status=ev.status,
+                    outcome=ev.outcome,
+                    retry_reason=ev.retry_reason,
+                    duration_s=None if ev.duration_s is None else round(ev.duration_s, 4),
+                    client_request_id=ev.client_request_id,
+                    correlation_id=ev.correlation_id,
+                )
         if self._on_step is not None:
             try:
                 self._on_step(ev)
@@ -164,14 +176,15 @@ class Observer:
 
     def guest(self, ev: GuestEvent) -> None:
         level = logging.WARNING if ev.kind == "failed" else logging.INFO
-        log_event(
-            self._glog,
-            level,
-            f"anonjoin.guest.{ev.kind}",
-            guest_id=ev.guest_id,
-            reason=ev.reason,
-            application_session_id=ev.application_session_id,
-        )
+        if self._glog.isEnabledFor(level):
+            log_event(
+                self._glog,
+                level,
+                f"anonjoin.guest.{ev.kind}",
+                guest_id=ev.guest_id,
+                reason=ev.reason,
+                application_session_id=ev.application_session_id,
+            )
         if self._on_guest is not None:
             try:
                 self._on_guest(ev)

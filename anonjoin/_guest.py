@@ -148,6 +148,7 @@ class Guest:
         self._app_unknown = False
         self._creating: asyncio.Task[tuple[ApplicationBody, Response]] | None = None
         self._leave_grant: GuestGrant | None = None  # a psat minted for leaving (the guest's had expired)
+        self._leave_deadline_at: float | None = None  # set by the first cleanup; later ones share it
         self._events_url: URL | None = None
         self._join_url: URL | None = None
         self._task: asyncio.Task[None] | None = None
@@ -227,7 +228,8 @@ class Guest:
             if not self._leave_now.done():
                 self._leave_now.set_result(None)
             try:
-                done, _ = await asyncio.wait({task}, timeout=C.LEAVE_TIMEOUT_S + 2 * C.LEAVE_DRAIN_S)
+                budget = self._ctx.retry.leave_deadline_s + 2 * C.LEAVE_DRAIN_S
+                done, _ = await asyncio.wait({task}, timeout=budget)
             except asyncio.CancelledError:
                 await self._cancel_task()
                 raise
@@ -290,10 +292,14 @@ class Guest:
     def _now(self) -> float:
         return self._ctx.clock.monotonic()
 
-    def _start_join(self) -> None:
+    def _start_join(self, *, keep_deadline: bool = False) -> None:
+        """A new attempt at joining (a first join, a rejoin, a recovery). It gets a new deadline unless
+        ``keep_deadline``: a restart that is not a failure (a psat renewed before the guest got in) stays
+        within the deadline of the attempt it interrupts."""
         self._stats = StepStats()
         self._join_started = self._now()
-        self._deadline_at = self._join_started + self._ctx.retry.guest_deadline_s
+        if not keep_deadline:
+            self._deadline_at = self._join_started + self._ctx.retry.guest_deadline_s
         self._lobby_total = 0.0
         self._lobby_since = None
 
@@ -378,17 +384,27 @@ class Guest:
                 await self._rejoin_wait()
                 self._start_join()
                 return
+        # out of retries on transient failures; a 403 InvalidToken is one even after a refresh (§4.2)
+        transient = d.action is Action.RETRY or (
+            d.action is Action.REFRESH_AUTH and isinstance(exc, ServiceError) and exc.subcode == "InvalidToken"
+        )
         if (
-            d.action is Action.RETRY
-            and self._ever_joined
+            transient
             and self._can_recover()
             and (m.state, Input.RETRY_REJOIN) in TRANSITIONS
+            and (self._ever_joined or self._now() < self._deadline_at)
         ):
-            # a rejoin step ran out of retries: try the rejoin again later (bounded)
+            # A step ran out of retries on transient failures (5xx, 429, timeouts): start over from a fresh
+            # psat after a backoff, bounded by the rejoin policy. At ~20% faulted requests one step in
+            # ~10^4 exhausts its attempts, which would otherwise fail a guest for good. A rejoin gets a new
+            # deadline; a first join keeps its own, so join() still ends within guest_deadline_s.
             self._recoveries += 1
+            log_event(
+                log, logging.INFO, "anonjoin.guest.restart", guest_id=self.guest_id, step=step, reason=reason
+            )
             m.handle(Input.RETRY_REJOIN, reason)
             await self._rejoin_wait()
-            self._start_join()
+            self._start_join(keep_deadline=not self._ever_joined)
             return
         self._error = self._final_error(step, exc, reason)
         m.handle(Input.FAIL, reason)
@@ -503,6 +519,7 @@ class Guest:
         task = asyncio.create_task(self._post_application(), name=f"anonjoin-create-{self.guest_id}")
         self._creating = task
         a, r = await asyncio.shield(task)
+        self._creating = None  # answered: its result is not kept for the guest's lifetime
         self._events_url = require_link(a.links, r.url, "events", step="anon_applications", status=r.status)
         comm = embedded_resource(a.embedded, "communication")
         href = find_href(embedded_links(comm), "joinOnlineMeeting")
@@ -660,6 +677,7 @@ class Guest:
                 self._events_url = resolve(resp.url, nxt, step="events")
                 pending = self._start_poll(self._events_url)  # the next poll goes out before processing
                 self._process(body, resp.url)
+                del body, resp  # not kept alive (nor traversed by the GC) while the next poll is parked
         finally:
             if not pending.done():
                 pending.cancel()
@@ -668,12 +686,15 @@ class Guest:
     def _on_timer(self, what: str) -> None:
         m = self._m
         if what == "expiry":
-            if self._can_recover():
-                self._recoveries += 1
+            if self._ctx.rejoin.enabled and not self._leave_requested:
+                # Routine, not a failure: not one of the rejoin policy's attempts. A guest not in yet (its
+                # chain slower than the psat's life, as on a loaded machine with a short-lived psat) keeps
+                # the deadline of the attempt it interrupts, which bounds such restarts.
+                waiting = m.state is not GuestState.JOINED
                 self._delete_in_background()
                 self._emit("rejoining", "TokenExpiring")
                 m.handle(Input.EXPIRING, "TokenExpiring")
-                self._start_join()
+                self._start_join(keep_deadline=waiting)
                 return
             self._rejoin_due = None
             return
@@ -770,11 +791,14 @@ class Guest:
         self._finish(self._error if m.state is GuestState.FAILED else None)
 
     async def _cleanup_app(self) -> None:
-        """Leave nothing live, within LEAVE_TIMEOUT_S (issue 6): the application this guest created last is
+        """Leave nothing live, within ``RetryPolicy.leave_deadline_s`` (issue 6; one budget per guest, which a
+        cleanup cancelled and started again does not renew): the application this guest created last is
         deleted, including one whose create was in flight when the guest stopped, and one a create may have
         made without the guest learning its href (a new application evicts it and is deleted in its turn).
         DELETEs of replaced applications still running in the background are awaited first."""
-        deadline = self._now() + C.LEAVE_TIMEOUT_S
+        if self._leave_deadline_at is None:
+            self._leave_deadline_at = self._now() + self._ctx.retry.leave_deadline_s
+        deadline = self._leave_deadline_at
         creating = self._creating
         if creating is not None and not creating.done():
             await self._wait_until({creating}, deadline)  # its answer says which application is the last
@@ -805,7 +829,7 @@ class Guest:
         url, grant = self._app_url, self._grant
         if url is None or grant is None or not self._psat_valid(grant):
             return
-        coro = self._delete_app(url, self._now() + C.LEAVE_TIMEOUT_S, mint=False)
+        coro = self._delete_app(url, self._now() + self._ctx.retry.leave_deadline_s, mint=False)
         task = asyncio.create_task(coro, name=f"anonjoin-delete-{self.guest_id}")
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)

@@ -172,9 +172,22 @@ class Metrics:
     # -- hooks (called by the client on the event loop) ------------------------------------------------------
 
     def hooks(self, chain: Hooks | None = None) -> Hooks:
-        """Hooks that feed these metrics, then call ``chain``'s hooks (if any)."""
+        """Hooks that feed these metrics, then call ``chain``'s hooks (if any).
+
+        The metrics read only the ``"end"`` step events: step starts are asked for only if ``chain`` has an
+        ``on_step`` that wants them.
+        """
         if chain is None or (chain.on_step is None and chain.on_guest is None):
-            return Hooks(on_step=self.on_step, on_guest=self.on_guest)
+            return Hooks(on_step=self.on_step, on_guest=self.on_guest, step_starts=False)
+        if chain.on_step is None:
+            user_guest_only = chain.on_guest
+
+            def on_guest_only(ev: GuestEvent) -> None:
+                self.on_guest(ev)
+                if user_guest_only is not None:
+                    user_guest_only(ev)
+
+            return Hooks(on_step=self.on_step, on_guest=on_guest_only, step_starts=False)
         user_step, user_guest = chain.on_step, chain.on_guest
 
         def on_step(ev: StepEvent) -> None:
@@ -187,7 +200,7 @@ class Metrics:
             if user_guest is not None:
                 user_guest(ev)
 
-        return Hooks(on_step=on_step, on_guest=on_guest)
+        return Hooks(on_step=on_step, on_guest=on_guest, step_starts=chain.step_starts)
 
     def on_step(self, ev: StepEvent) -> None:
         if ev.phase != "end":

@@ -78,7 +78,7 @@ class Input(enum.Enum):
     DROPPED = "dropped"  # a drop signal (§4.8) and the policy allows a rejoin
     APP_GONE = "app_gone"  # 404 ApplicationNotFound / 410: recreate with the current psat
     EXPIRING = "expiring"  # psat near expiry, or rejected (401): mint a new one
-    RETRY_REJOIN = "retry_rejoin"  # a rejoin attempt failed; try again after backoff
+    RETRY_REJOIN = "retry_rejoin"  # a step ran out of retries: start over from a new psat after backoff
     REPLACED = "replaced"  # 409 PGetReplaced: another poller took over
     ENDED = "ended"  # the meeting ended
     LEAVE = "leave"  # the caller asked to leave
@@ -116,7 +116,7 @@ TRANSITIONS: Final[Mapping[tuple[GuestState, Input], GuestState]] = {
     (S.JOINED, I.EXPIRING): S.REJOINING,
     **{(s, I.EXPIRING): S.REJOINING for s in (*_JOINING, *_WAITING)},
     **{(s, I.APP_GONE): S.CREATING for s in (S.CREATING, *_HAS_APP)},
-    **{(s, I.RETRY_REJOIN): S.REJOINING for s in (S.REJOINING, *_JOINING, *_WAITING)},
+    **{(s, I.RETRY_REJOIN): S.REJOINING for s in (S.MINTING, S.REJOINING, *_JOINING, *_WAITING)},
     **{(s, I.REPLACED): S.LEFT for s in (*_WAITING, S.JOINED)},
     **{(s, I.ENDED): S.ENDED for s in _LIVE if s is not S.NEW},
     **{(s, I.LEAVE): S.LEAVING for s in _LIVE},

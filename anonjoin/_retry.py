@@ -41,12 +41,19 @@ class RetryPolicy:
     retry_after_cap_s: float = C.RETRY_AFTER_CAP_S
     request_timeout_s: float = C.REQUEST_TIMEOUT_S
     connect_timeout_s: float = C.CONNECT_TIMEOUT_S
+    leave_deadline_s: float = C.LEAVE_DEADLINE_S
     shared_throttle: bool = True
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ConfigurationError("RetryPolicy.attempts must be at least 1")
-        for name in ("step_deadline_s", "guest_deadline_s", "request_timeout_s", "connect_timeout_s"):
+        for name in (
+            "step_deadline_s",
+            "guest_deadline_s",
+            "request_timeout_s",
+            "connect_timeout_s",
+            "leave_deadline_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"RetryPolicy.{name} must be positive")
         for name in ("wait_initial", "wait_max", "jitter", "retry_after_cap_s"):
@@ -221,9 +228,10 @@ class _StepRun:
         t0 = self.clock.monotonic()
         att = Attempt(number, max(0.05, min(self.per_request, self.deadline - t0)), self.refresh_next)
         self.refresh_next = False
-        self.report = self.observer.wants_steps()
-        if self.report:
-            self.observer.step(StepEvent(self.guest_id, self.step, "start", number))
+        observer = self.observer
+        self.report = observer.wants_steps()
+        if self.report and observer.wants_step_starts():
+            observer.step(StepEvent(self.guest_id, self.step, "start", number))
         return att, t0
 
     def succeeded(self, att: Attempt, t0: float) -> None:

@@ -24,6 +24,7 @@ the client), or ``cancelled``. The outcomes are written back to the store in one
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import time
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 STORE_BATCH = 1000
-LEAVE_TIMEOUT_S = 30.0
+LEAVE_SLACK_S = 10.0
 STOP_GRACE_S = 5.0
 ENDED_BEFORE_JOIN = "DestinationNotFound (meeting ended)"
 """After a stop, a join in flight gets this long to finish before it is cancelled; at the end of a hold, a
@@ -281,13 +282,61 @@ def pool_size(concurrency: int) -> int:
 # -- the runner ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Slot:
     guest_id: str
     asi: str
     meeting_url: str
     n: int
     record: GuestRecord | None = None
+
+
+class _JoinSlots:
+    """``concurrency`` join slots: a semaphore whose waiters a stop releases (``acquire`` is then False).
+
+    One future per waiting guest and nothing else: no task and no ``asyncio.wait`` per arrival, which in
+    the closed model (every arrival waits for a slot) would be paid by every guest.
+    """
+
+    __slots__ = ("_free", "_stopped", "_waiters")
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._stopped = False
+
+    async def acquire(self) -> bool:
+        """Take a slot (True), or False once stopped (also for a guest waiting when the stop comes)."""
+        if self._stopped:
+            return False
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.result():
+                self.release()  # it was handed a slot while being cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the first guest still waiting for one, else to the pool."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                return
+        self._free += 1
+
+    def stop(self) -> None:
+        self._stopped = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(False)
 
 
 class LoadRunner:
@@ -311,6 +360,10 @@ class LoadRunner:
         self._stop: asyncio.Future[None] | None = None
         self._interrupted = False
         self._slots: list[_Slot] = []
+        self._join_slots: _JoinSlots | None = None
+        self._joining: set[asyncio.Task[Any]] = set()  # guests' tasks awaiting their first join
+        self._cut: set[asyncio.Task[Any]] = set()  # of those, the ones a stop cancelled after the grace
+        self._cut_timer: asyncio.TimerHandle | None = None
         self._settling: dict[str, asyncio.Future[None]] = {}
         self._ended_meetings: set[str] = set()
         self.metrics.guest_listener = self._on_guest_event
@@ -324,8 +377,19 @@ class LoadRunner:
     def cancel(self) -> None:
         """Stop the run: no more arrivals, joins in flight cancelled, held guests leave now. Idempotent."""
         self._interrupted = True
+        if self._join_slots is not None:
+            self._join_slots.stop()
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
+            # Joins in flight get STOP_GRACE_S to finish (a request may be creating the guest's application),
+            # then they are cancelled, which makes the client delete what they created.
+            self._cut_timer = asyncio.get_running_loop().call_later(STOP_GRACE_S, self._cut_joins)
+
+    def _cut_joins(self) -> None:
+        for task in list(self._joining):
+            if not task.done():
+                self._cut.add(task)
+                task.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -339,13 +403,17 @@ class LoadRunner:
         started_at = time.time()
         plan = self.plan
         self._slots = await self._assign()
-        sem = asyncio.Semaphore(plan.concurrency)
+        slots = self._join_slots = _JoinSlots(plan.concurrency)
+        if self._interrupted:
+            slots.stop()
         tasks: set[asyncio.Task[None]] = set()
         try:
-            await self._arrivals(sem, tasks)
+            await self._arrivals(slots, tasks)
             while tasks:
                 await asyncio.wait(set(tasks))
         finally:
+            if self._cut_timer is not None:
+                self._cut_timer.cancel()
             # Only reached early by our own cancellation (or a bug): leave no task behind.
             if tasks:
                 for t in tasks:
@@ -417,36 +485,14 @@ class LoadRunner:
         await asyncio.wait({self._stop}, timeout=delay)
         return self._stop.done()
 
-    async def _acquire(self, sem: asyncio.Semaphore) -> bool:
-        """Take a join slot, unless the run stops first (False)."""
-        assert self._stop is not None
-        if self._stop.done():
-            return False
-        if not sem.locked():
-            await sem.acquire()
-            return True
-        acquire = asyncio.ensure_future(sem.acquire())
-        waits: set[asyncio.Future[Any]] = {acquire, self._stop}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if acquire.done():
-            if self._stop.done():
-                sem.release()
-                return False
-            return True
-        acquire.cancel()
-        await asyncio.gather(acquire, return_exceptions=True)
-        if not acquire.cancelled():
-            sem.release()  # it was granted while we cancelled it
-        return False
-
-    async def _arrivals(self, sem: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+    async def _arrivals(self, slots: _JoinSlots, tasks: set[asyncio.Task[None]]) -> None:
         plan = self.plan
         t0 = self._clock()
         self.metrics.start(t0)
         times: Iterator[float] | None = plan.schedule.times(plan.guests) if plan.schedule else None
         for slot in self._slots:
             if times is None:
-                if not await self._acquire(sem):
+                if not await slots.acquire():
                     return
                 arrived = self._clock()
                 held = True
@@ -457,15 +503,17 @@ class LoadRunner:
                 arrived = self._clock()
                 held = False
             self.metrics.guest_arrived()
-            task = asyncio.create_task(self._guest(slot, sem, arrived, held), name=f"anonjoin-load-{slot.n}")
+            task = asyncio.create_task(
+                self._guest(slot, slots, arrived, held), name=f"anonjoin-load-{slot.n}"
+            )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
     # -- one guest ---------------------------------------------------------------------------------
 
-    async def _guest(self, slot: _Slot, sem: asyncio.Semaphore, arrived: float, held: bool) -> None:
+    async def _guest(self, slot: _Slot, slots: _JoinSlots, arrived: float, held: bool) -> None:
         m = self.metrics
-        if not held and not await self._acquire(sem):
+        if not held and not await slots.acquire():
             self._final(slot, "cancelled", "not started", 0)
             return
         try:
@@ -485,57 +533,62 @@ class LoadRunner:
                 return
             joined = await self._join(slot, guest, arrived)
         finally:
-            sem.release()
+            slots.release()
         if joined:
             await self._hold(slot, guest)
 
     async def _join(self, slot: _Slot, guest: Guest, arrived: float) -> bool:
-        """The first join; True if joined. Records the outcome otherwise."""
-        assert self._stop is not None
+        """The first join; True if joined. Records the outcome otherwise.
+
+        Awaited in the guest's own task (no task or wait of its own): a stop reaches it through
+        :meth:`_cut_joins`, which cancels it once the grace after the stop has run out.
+        """
         m = self.metrics
-        join = asyncio.ensure_future(guest.join())
-        if not self._stop.done():
-            waits: set[asyncio.Future[Any]] = {join, self._stop}
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if not join.done():
-            # Stopped mid-join. A request in flight may be creating the guest's application: give the join
-            # a moment to settle (then it is left like any joined guest), and only then cancel it, which
-            # makes the client delete what it knows it created.
-            await asyncio.wait({join}, timeout=STOP_GRACE_S)
-        if not join.done():
-            join.cancel()
-            await asyncio.gather(join, return_exceptions=True)
-        if join.cancelled():
+        task = asyncio.current_task()
+        assert task is not None
+        self._joining.add(task)
+        try:
+            result = await guest.join()
+        except asyncio.CancelledError:
+            if task not in self._cut:
+                raise
+            self._cut.discard(task)
+            task.uncancel()  # our own cut, not a cancellation of the run
             m.guest_join_failed(slot.guest_id, cancelled=True)
             self._final(slot, "cancelled", "interrupted while joining", guest.rejoins)
+            await self._leave(guest)  # cancelling the join cleaned up; this only tidies a join that won
             return False
-        exc = join.exception()
-        if exc is None:
-            result = join.result()
-            m.guest_joined(slot.guest_id, self._clock() - arrived, result.lobby_s)
-            return True
-        m.guest_join_failed(slot.guest_id)
-        outcome = guest.outcome
-        if outcome is not None and outcome.kind == "ended":
-            self._final(slot, "ended", outcome.reason or "Ended", guest.rejoins)
-        else:
-            self._final(
-                slot, "failed", failure_reason(exc, outcome.reason if outcome else None), guest.rejoins
-            )
-        if not isinstance(exc, AnonJoinError):  # pragma: no cover - a bug in the client; keep it visible
-            raise exc
-        await self._leave(guest)  # nothing to do for a closed guest; tidy if it is not
-        return False
+        except Exception as exc:
+            m.guest_join_failed(slot.guest_id)
+            outcome = guest.outcome
+            if outcome is not None and outcome.kind == "ended":
+                self._final(slot, "ended", outcome.reason or "Ended", guest.rejoins)
+            else:
+                self._final(
+                    slot, "failed", failure_reason(exc, outcome.reason if outcome else None), guest.rejoins
+                )
+            if not isinstance(exc, AnonJoinError):  # pragma: no cover - a bug in the client; keep it visible
+                raise
+            await self._leave(guest)  # nothing to do for a closed guest; tidy if it is not
+            return False
+        finally:
+            self._joining.discard(task)
+        m.guest_joined(slot.guest_id, self._clock() - arrived, result.lobby_s)
+        return True
 
     async def _hold(self, slot: _Slot, guest: Guest) -> None:
         assert self._stop is not None
-        closed = asyncio.ensure_future(guest.wait_closed())
-        waits: set[asyncio.Future[Any]] = {closed}
-        if not self._stop.done():
-            waits.add(self._stop)
+        outcome = guest.outcome  # set once the guest has closed
+        if outcome is None and self.plan.hold_s > 0 and not self._stop.done():
+            closed = asyncio.ensure_future(guest.wait_closed())
+            waits: set[asyncio.Future[Any]] = {closed, self._stop}
             await asyncio.wait(waits, timeout=self.plan.hold_s, return_when=asyncio.FIRST_COMPLETED)
-        if closed.done():
-            outcome = closed.result()
+            if closed.done():
+                outcome = closed.result()
+            else:
+                closed.cancel()
+                await asyncio.gather(closed, return_exceptions=True)
+        if outcome is not None:
             if outcome.kind == "left":
                 # Left on its own (another poll took over, for example): it was joined and nothing failed.
                 self._final(slot, "joined", None, outcome.rejoins)
@@ -545,8 +598,6 @@ class LoadRunner:
                 reason = failure_reason(outcome.error, outcome.reason) if outcome.error else outcome.reason
                 self._final(slot, "failed", reason or "unknown", outcome.rejoins)
             return
-        closed.cancel()
-        await asyncio.gather(closed, return_exceptions=True)
         if guest.state is not GuestState.JOINED and guest.state not in TERMINAL:
             # Mid-rejoin: a request in flight may be creating the new application. Let the rejoin settle
             # (bounded) so that leaving deletes the application the service really holds.
@@ -566,7 +617,8 @@ class LoadRunner:
 
     async def _leave(self, guest: Guest) -> None:
         try:
-            async with asyncio.timeout(LEAVE_TIMEOUT_S):
+            # the guest bounds its own leave; this only guards against a bug in that bound
+            async with asyncio.timeout(self.client.retry.leave_deadline_s + LEAVE_SLACK_S):
                 await guest.leave()
         except (AnonJoinError, TimeoutError):
             self.metrics.leave_errors += 1

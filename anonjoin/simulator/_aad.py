@@ -191,7 +191,7 @@ async def token(core: Core, call: Call) -> web.StreamResponse:
         "ver": "1.0",
         "uti": uuid.uuid4().hex[:22],
     }
-    access_token = aad_key().sign(claims)
+    access_token = core.aad.issue(claims)
     if core.issued is not None:
         core.issued.aad.append(access_token)
     return web.json_response(

@@ -30,7 +30,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def _body(request: web.BaseRequest) -> dict[str, Any]:
     raw = await request.read()
     if not raw:
         return {}
@@ -40,7 +40,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-async def handle(core: Core, request: web.Request) -> web.StreamResponse:
+async def handle(core: Core, request: web.BaseRequest) -> web.StreamResponse:
     path, method = request.path.rstrip("/"), request.method
     try:
         if path in ("/_admin", "/_admin/state") and method == "GET":

@@ -2,6 +2,8 @@
 
 Rules:
 - Every protocol route has a stable name (``ROUTES``); paths and query names match case-insensitively.
+- Each listener is an aiohttp low-level ``web.Server`` whose one handler (``Front``) calls ``dispatch``:
+  no router, no middleware, no signals on the hot path.
 - ``dispatch`` is the only entry point for protocol requests. In order: match the route (404/405),
   resolve the guest's ``asi`` when it can be known cheaply, ask the fault injector (one call per request),
   answer 307 to the pool listener for ``redirect_routes`` arriving on the main listener, run the route,
@@ -9,33 +11,33 @@ Rules:
 - A route signals an error by raising ``BadRequest`` (an error body) or ``Reply`` (a ready response);
   anything else that escapes becomes 500 ``ServiceFailure``, never a traceback on the wire.
 - ``/_admin`` is a separate prefix handled by ``_admin.py`` and never counted or faulted.
-- Every response carries ``X-MS-Correlation-Id``, ``X-MS-Server-Fqdn`` and echoes ``client-request-id``.
+- Every response carries ``X-MS-Correlation-Id``, ``X-MS-Server-Fqdn`` and echoes ``client-request-id``
+  (``Front`` stamps them on the way out; a fault that sends its response itself gets them from the injector).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 import re
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from anonjoin.simulator import _aad, _admin, _tap, _ucwa
 from anonjoin.simulator._core import MAIN_FQDN, POOL_FQDN, Call, Core
 from anonjoin.simulator._wire import BadRequest, Reply, error_response
 
-__all__ = ["CORE", "LISTENER", "ROUTES", "Route", "make_app"]
+__all__ = ["ROUTES", "Front", "Route", "dispatch", "make_server"]
 
 log = logging.getLogger("anonjoin.simulator")
 _ids = random.Random()  # correlation ids: unique enough, cheap, and apart from the seeded stream
 
 Handler = Callable[[Core, Call], Awaitable[web.StreamResponse]]
-CORE = web.AppKey("anonjoin_sim_core", Core)
-LISTENER = web.AppKey("anonjoin_sim_listener", str)
 
 _APP = r"/ucwa/psanon/v1/applications/(?P<gid>[^/]+)"
 _TAP = r"/platformservice/v1/applications"
@@ -47,6 +49,12 @@ class Route:
     pattern: re.Pattern[str]
     name: str
     handler: Handler
+
+    @property
+    def head(self) -> str | None:
+        """The fixed first path segment (lower case), or ``None`` when it is a parameter (the tenant)."""
+        first = self.pattern.pattern.split("/", 2)[1]
+        return None if first.startswith("(") else first.lower()
 
 
 def _r(method: str, pattern: str, name: str, handler: Handler) -> Route:
@@ -71,10 +79,26 @@ ROUTES: tuple[Route, ...] = (
     _r("GET", _APP + r"/(?P<rest>.+)", "ucwa_resource", _ucwa.resource),
 )
 
+# The routes a path can match, by its first segment: the routes with that fixed first segment and the
+# tenant routes, in ROUTES order (so the first match is the same as scanning all of ROUTES).
+_ANY_HEAD: tuple[Route, ...] = tuple(r for r in ROUTES if r.head is None)
+_BY_HEAD: dict[str, tuple[Route, ...]] = {
+    head: tuple(r for r in ROUTES if r.head in (head, None)) for head in {r.head for r in ROUTES} if head
+}
+
 
 def _match(method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
+    head = path.split("/", 2)[1].lower() if path.startswith("/") else ""
+    return first_match(_BY_HEAD.get(head, _ANY_HEAD), method, path)
+
+
+def first_match(
+    routes: Iterable[Route], method: str, path: str
+) -> tuple[Route | None, dict[str, str], list[str]]:
+    """The first of ``routes`` matching ``method`` and ``path`` with its parameters, else the methods
+    allowed on ``path`` (for a 405)."""
     allowed: list[str] = []
-    for route in ROUTES:
+    for route in routes:
         m = route.pattern.fullmatch(path)
         if m is None:
             continue
@@ -84,7 +108,7 @@ def _match(method: str, path: str) -> tuple[Route | None, dict[str, str], list[s
     return None, {}, allowed
 
 
-def _resolve_asi(core: Core, route: str, request: web.Request, params: dict[str, str]) -> str | None:
+def _resolve_asi(core: Core, route: str, request: web.BaseRequest, params: dict[str, str]) -> str | None:
     """The guest a request belongs to, when that is cheap to know before running the route."""
     if route == "anon_discover":
         return core.psat_asi(_ucwa.anon_context(request))
@@ -101,7 +125,7 @@ class _TooLarge(Exception):
     pass
 
 
-async def _peek_asi(request: web.Request) -> str | None:
+async def _peek_asi(request: web.BaseRequest) -> str | None:
     """The ``applicationSessionId`` of a token POST's body (for fault decisions and timelines)."""
     try:
         raw = await request.read()
@@ -118,9 +142,8 @@ async def _peek_asi(request: web.Request) -> str | None:
     return None
 
 
-async def dispatch(request: web.Request) -> web.StreamResponse:
-    core = request.app[CORE]
-    listener = request.app[LISTENER]
+async def dispatch(core: Core, listener: str, request: web.BaseRequest) -> web.StreamResponse:
+    """Answer one request that arrived on ``listener`` (``"main"`` or ``"pool"``)."""
     path = request.path
     if path == "/_admin" or path.startswith("/_admin/"):
         return await _admin.handle(core, request)
@@ -150,7 +173,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             too_large = True
     else:
         call.asi = _resolve_asi(core, name, request, params)
-    fault = None if too_large else await core.injector.apply(name, request, call.asi)
+    fault = (
+        None
+        if too_large
+        else await core.injector.apply(name, request, call.asi, server_fqdn=server_fqdn(listener))
+    )
     if too_large:
         response = error_response(
             413, "EntityTooLarge", f"The request body exceeds {core.config.max_body_bytes} bytes."
@@ -181,23 +208,81 @@ async def _run(core: Core, call: Call, handler: Handler) -> web.StreamResponse:
         return error_response(500, "InternalServerError", "The service failed to process the request.")
 
 
-async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the tracing headers of protocol.md §2 on every response."""
+def server_fqdn(listener: str) -> str:
+    """The ``X-MS-Server-Fqdn`` of a listener."""
+    return POOL_FQDN if listener == "pool" else MAIN_FQDN
+
+
+def _correlation_id() -> str:
+    # a version-4 UUID from the module's PRNG; not uuid4(): its os.urandom call per response showed up in
+    # load profiles. The same text as str(uuid.UUID(int=n, version=4)), without the object.
+    n = (_ids.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _stamp(request: web.BaseRequest, response: web.StreamResponse, fqdn: str) -> None:
+    """The tracing headers of protocol.md §2, on a response that has not been sent yet."""
     headers = response.headers
     if "X-MS-Correlation-Id" not in headers:
-        # not uuid4(): its os.urandom call per response showed up in load profiles
-        headers["X-MS-Correlation-Id"] = str(uuid.UUID(int=_ids.getrandbits(128), version=4))
-    listener = request.app[LISTENER]
-    headers.setdefault("X-MS-Server-Fqdn", POOL_FQDN if listener == "pool" else MAIN_FQDN)
+        headers["X-MS-Correlation-Id"] = _correlation_id()
+    if "X-MS-Server-Fqdn" not in headers:
+        headers["X-MS-Server-Fqdn"] = fqdn
     client_request_id = request.headers.get("client-request-id")
     if client_request_id and "client-request-id" not in headers:
         headers["client-request-id"] = client_request_id[:100]
 
 
-def make_app(core: Core, listener: str) -> web.Application:
-    app = web.Application(client_max_size=core.config.max_body_bytes)
-    app[CORE] = core
-    app[LISTENER] = listener
-    app.router.add_route("*", "/{tail:.*}", dispatch)
-    app.on_response_prepare.append(_stamp)
-    return app
+async def _expect(request: web.BaseRequest) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` as aiohttp's router answers it; any other expectation: 417."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return web.Response(status=417, text=f"Unknown Expect: {request.headers.get('Expect', '')}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim response is not part of the response's size
+    await request.writer.drain()
+    return None
+
+
+class Front:
+    """The one handler of a listener's low-level server: dispatch, then stamp the tracing headers."""
+
+    def __init__(self, core: Core, listener: str) -> None:
+        self.core = core
+        self.listener = listener
+        self.fqdn = server_fqdn(listener)
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        response: web.StreamResponse | None
+        try:
+            response = await _expect(request) if "Expect" in request.headers else None
+            if response is None:
+                response = await dispatch(self.core, self.listener, request)
+        except web.HTTPException as exc:  # aiohttp sends it (returning one is deprecated): stamp it first
+            _stamp(request, exc, self.fqdn)
+            raise
+        except ConnectionResetError:
+            # The client went away before the answer (a close fault on a poll it cancelled): nothing can
+            # reach it, and it is no failure of the simulator. aiohttp drops the answer quietly.
+            log.debug("simulator request %s %s: the client went away", request.method, request.path)
+            response = error_response(500, "ClientGone", "The client closed the connection.")
+        except Exception:  # a bug outside the routes: a clean 500 on the wire, the traceback in the log
+            log.exception("simulator request %s %s failed", request.method, request.path)
+            response = error_response(
+                500, "InternalServerError", "The service failed to process the request."
+            )
+        if not response.prepared:
+            _stamp(request, response, self.fqdn)
+        return response
+
+
+def make_server(core: Core, listener: str, **kwargs: Any) -> web.Server:
+    """The low-level aiohttp server of one listener (``kwargs`` go to ``web.Server``)."""
+    loop = asyncio.get_running_loop()
+    max_body = core.config.max_body_bytes
+
+    def request_factory(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=max_body)
+
+    return web.Server(Front(core, listener), request_factory=request_factory, **kwargs)

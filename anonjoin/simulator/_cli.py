@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import asyncio.sslproto
+import gc
 import signal
 import sys
 from typing import Any
@@ -25,6 +26,8 @@ from anonjoin.simulator._server import Simulator
 __all__ = ["register", "run"]
 
 TLS_READ_BUFFER_KB = 32
+GC_THRESHOLD = (10_000, 20, 20)
+"""``gc.set_threshold`` of the ``anonjoin simulate`` process (Python's default is 700, 10, 10)."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -165,6 +168,21 @@ async def _serve(config: SimulatorConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Simulator(config) as sim:
+        _tune_gc()
         sys.stdout.write(sim.info.model_dump_json() + "\n")
         sys.stdout.flush()
         await stop.wait()
+
+
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap in this process (it is the simulator's own).
+
+    Under load the collector took about a tenth of the simulator's CPU: young collections every 700
+    allocations, and full ones that walk every object of the process, including everything imported at
+    start-up. ``gc.freeze()`` moves what exists once the simulator is up (modules, keys, certificates) out of
+    the collector's sight for good, and a higher young threshold makes collections rarer (each one bigger).
+    Garbage cycles are still collected; only later.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)

@@ -36,7 +36,7 @@ POOL_FQDN = "pool.sim.anonjoin.invalid"
 class Call:
     """One request being answered."""
 
-    request: web.Request
+    request: web.BaseRequest
     route: str
     params: dict[str, str]
     listener: str  # "main" | "pool"
@@ -71,6 +71,7 @@ class Core:
         self.guests: dict[str, collections.deque[TimelineEntry]] = {}
         self.issued: IssuedTokens | None = IssuedTokens() if config.record_issued_tokens else None
         self._alternate = itertools.count()
+        self._wires: dict[tuple[str, str, str, str], Wire] = {}
         self.state = MeetingState(
             rng=self.rng,
             clock=config.clock,
@@ -109,21 +110,26 @@ class Core:
         scheduled = self.injector.guest_schedule(asi)
         return None if scheduled is None else (scheduled.action, scheduled.after_s)
 
-    def wire(self, request: web.Request, listener: str) -> Wire:
+    def wire(self, request: web.BaseRequest, listener: str) -> Wire:
         prefix = self.config.rel_prefix
-        if request.headers.get("X-Ms-Namespace", "").lower() == "internal":
+        namespace = request.headers.get("X-Ms-Namespace")
+        if namespace is not None and namespace.lower() == "internal":
             prefix = "ms:rtc:saas:"
         elif prefix == "alternate":
             prefix = "service:" if next(self._alternate) % 2 == 0 else "ms:rtc:saas:"
-        return Wire(
-            prefix=prefix,
-            date_format=self.config.date_format,
-            here=self.pool_base if listener == "pool" else self.main_base,
-            main=self.main_base,
-            pool=self.pool_base,
-            absolute=self.config.absolute_hrefs,
-            mixed_case=self.config.mixed_case_hrefs,
-        )
+        key = (prefix, listener, self.main_base, self.pool_base)
+        wire = self._wires.get(key)
+        if wire is None:  # a handful per simulator (Wire is immutable, so one serves every request)
+            wire = self._wires[key] = Wire(
+                prefix=prefix,
+                date_format=self.config.date_format,
+                here=self.pool_base if listener == "pool" else self.main_base,
+                main=self.main_base,
+                pool=self.pool_base,
+                absolute=self.config.absolute_hrefs,
+                mixed_case=self.config.mixed_case_hrefs,
+            )
+        return wire
 
     # -- tokens --------------------------------------------------------------------------------------
     def psat_asi(self, token: str | None) -> str | None:

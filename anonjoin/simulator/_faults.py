@@ -462,29 +462,35 @@ class FaultInjector:
             return None
         return GuestSchedule(action=action, after_s=lo + (hi - lo) * _uniform(self._seed, "after", asi, k))
 
-    async def apply(self, route: str, request: web.Request, asi: str | None) -> web.StreamResponse | None:
+    async def apply(
+        self, route: str, request: web.BaseRequest, asi: str | None, *, server_fqdn: str | None = None
+    ) -> web.StreamResponse | None:
         """Decide on this request and carry the fault out.
 
         Returns ``None`` to let the request proceed (no fault, or after an added latency), else the
         response to return from the handler: an error response, or (``close``) a response that was
         prepared, got part of its body, and whose connection was then closed. The decision is stored on
-        the returned response under :data:`FAULT_DECISION`.
+        the returned response under :data:`FAULT_DECISION`. ``server_fqdn``: the ``X-MS-Server-Fqdn`` of
+        the server answering, for the ``close`` response that is sent before the server could stamp it.
         """
         decision = self.decide(route, asi)
         if decision is None:
             return None
-        return await self.render(decision, request)
+        return await self.render(decision, request, server_fqdn=server_fqdn)
 
-    async def render(self, decision: FaultDecision, request: web.Request) -> web.StreamResponse | None:
+    async def render(
+        self, decision: FaultDecision, request: web.BaseRequest, *, server_fqdn: str | None = None
+    ) -> web.StreamResponse | None:
         """Carry out ``decision`` for ``request`` (see :meth:`apply`)."""
         if decision.kind == "latency":
             await self._sleep(decision.latency_s)
             return None
         fqdn = self._fqdn or request.url.host or DEFAULT_FQDN
         headers = {"X-MS-Correlation-Id": _correlation_id(self._seed, decision)}
-        if self._fqdn:
-            # else the server stamps its own (an on_response_prepare hook also runs for ``close``)
-            headers["X-MS-Server-Fqdn"] = self._fqdn
+        stamp = self._fqdn or server_fqdn
+        if stamp:
+            # else the server stamps its own on the way out (too late for ``close``: pass ``server_fqdn``)
+            headers["X-MS-Server-Fqdn"] = stamp
         client_request_id = request.headers.get("client-request-id")
         if client_request_id:
             headers["client-request-id"] = client_request_id[:100]
@@ -507,7 +513,7 @@ class FaultInjector:
         return response
 
     async def _close_mid_response(
-        self, decision: FaultDecision, request: web.Request, headers: dict[str, str]
+        self, decision: FaultDecision, request: web.BaseRequest, headers: dict[str, str]
     ) -> web.StreamResponse:
         body = json.dumps(
             {"_links": {"self": {"href": request.path}}, "padding": "x" * 512}, separators=(",", ":")

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from anonjoin.simulator._app import make_app
+from anonjoin.simulator._app import make_server
 from anonjoin.simulator._config import LobbyMode, SimulatorConfig, SimulatorInfo
 from anonjoin.simulator._core import Core, IssuedTokens
 from anonjoin.simulator._faults import FaultProfile
@@ -37,7 +37,7 @@ class Simulator:
         self.config = SimulatorConfig.model_validate(base.model_dump() | overrides) if overrides else base
         self._core: Core | None = None
         self._info: SimulatorInfo | None = None
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.ServerRunner] = []
         self._dir: Path | None = None
         self._end_timer: asyncio.TimerHandle | None = None
 
@@ -52,11 +52,9 @@ class Simulator:
         ports: list[int] = []
         try:
             for listener, port in (("main", config.port), ("pool", config.pool_port)):
-                runner = web.AppRunner(
-                    make_app(core, listener),
-                    handler_cancellation=True,
+                runner = web.ServerRunner(
+                    make_server(core, listener, handler_cancellation=True, access_log=None),
                     shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                    access_log=None,
                 )
                 await runner.setup()
                 self._runners.append(runner)

@@ -7,6 +7,10 @@ Rules:
   refused), then ``exp``/``nbf`` against the simulator's injectable clock with a small leeway.
 - Verification results are cached by token string (``TokenVerifier``), so a guest that polls 1,000 times
   costs one RSA verification; the cache is a plain dict that is cleared when it grows past its cap.
+  ``exp``/``nbf`` are checked against the clock on every use, cached or not.
+- A token the simulator mints through ``TokenVerifier.issue`` goes into that cache as it is signed: its
+  claims are known, so the guest's first request costs no RSA verification either. Only that exact string
+  is cached; any other string (a tampered copy included) is verified in full.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -95,15 +100,25 @@ class TokenVerifier:
         self._clock = clock
         self._cache: dict[str, dict[str, Any] | None] = {}
 
+    def issue(self, claims: Mapping[str, Any], *, x5t: bool = False) -> str:
+        """Sign ``claims`` with this verifier's key and cache them: the token needs no verification later."""
+        token = self._key.sign(claims, x5t=x5t)
+        # the claims exactly as decoding the token would give them back (a JSON round trip)
+        self._remember(token, _checked(json.loads(json.dumps(dict(claims)))))
+        return token
+
+    def _remember(self, token: str, claims: dict[str, Any] | None) -> None:
+        if len(self._cache) >= CACHE_CAP:
+            self._cache.clear()
+        self._cache[token] = claims
+
     def verify(self, token: str) -> dict[str, Any]:
         """The token's claims; ``InvalidTokenError`` when it is bad, expired or not yet valid."""
         if token in self._cache:
             claims = self._cache[token]
         else:
             claims = self._decode(token)
-            if len(self._cache) >= CACHE_CAP:
-                self._cache.clear()
-            self._cache[token] = claims
+            self._remember(token, claims)
         if claims is None:
             raise InvalidTokenError("signature or format")
         now = self._clock()
@@ -129,9 +144,14 @@ class TokenVerifier:
             )
         except (jwt.PyJWTError, ValueError):
             return None
-        if not isinstance(claims["exp"], int | float) or not isinstance(claims.get("nbf", 0), int | float):
-            return None
-        return claims
+        return _checked(claims)
+
+
+def _checked(claims: dict[str, Any]) -> dict[str, Any] | None:
+    """``claims`` when ``exp`` (required) and ``nbf`` (optional) are numbers, else ``None`` (refused)."""
+    if not isinstance(claims.get("exp"), int | float) or not isinstance(claims.get("nbf", 0), int | float):
+        return None
+    return claims
 
 
 def unverified_claims(token: str) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ IMPORTANCE = ("Normal", "Urgent", "Emergency")
 
 
 # -- tokens and origins ------------------------------------------------------------------------------
-def anon_context(request: web.Request) -> str | None:
+def anon_context(request: web.BaseRequest) -> str | None:
     """The psat token (``psat=`` stripped) carried by a discover link's query, or ``None``."""
     for name in ANON_QUERY_NAMES:
         value = query_ci(request, name)
@@ -87,7 +87,7 @@ def _verify(core: Core, call: Call, token: str | None) -> dict[str, Any]:
     return claims
 
 
-def bearer_psat(request: web.Request) -> str | None:
+def bearer_psat(request: web.BaseRequest) -> str | None:
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         return None

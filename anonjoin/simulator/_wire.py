@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,7 +102,22 @@ def format_date(ts: float, form: DateFormat) -> str:
     return f"/Date({ms})/"
 
 
-@dataclass(slots=True)
+@functools.cache
+def _encoder(form: DateFormat) -> json.JSONEncoder:
+    """One JSON encoder per date form, made once (``json.dumps`` with ``default`` builds one per call).
+
+    Bodies are trees built per response, so the circular-reference check is off.
+    """
+
+    def default(value: object) -> object:
+        if isinstance(value, WireDate):
+            return format_date(value.ts, form)
+        raise TypeError(type(value).__name__)
+
+    return json.JSONEncoder(default=default, check_circular=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Wire:
     """How one response is written: relation prefix, date form, hosts and href style."""
 
@@ -141,13 +157,7 @@ class Wire:
 
     def dumps(self, body: Any) -> str:
         form = self.date_format
-
-        def default(value: object) -> object:
-            if isinstance(value, WireDate):
-                return format_date(value.ts, form)
-            raise TypeError(type(value).__name__)
-
-        text = json.dumps(body, default=default)
+        text = _encoder(form).encode(body)
         if form == "dotnet_escaped":
             text = text.replace('"/Date(', '"\\/Date(').replace(')/"', ')\\/"')
         return text
@@ -158,7 +168,7 @@ class Wire:
         )
 
 
-def query_ci(request: web.Request, name: str) -> str | None:
+def query_ci(request: web.BaseRequest, name: str) -> str | None:
     """The value of query parameter ``name``, matched case-insensitively (first occurrence)."""
     value = request.query.get(name)
     if value is not None:
@@ -181,7 +191,7 @@ def json_ci(body: Mapping[str, Any], name: str) -> Any:
     return None
 
 
-async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+async def read_json(request: web.BaseRequest, limit: int) -> dict[str, Any]:
     """The request body as a JSON object; ``BadRequest`` (400/413/415) otherwise."""
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(413, "EntityTooLarge", f"the request body exceeds {limit} bytes")

@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from anonjoin import GuestState, Hooks, StepEvent
+import pytest
+
+from anonjoin import ConfigurationError, GuestState, Hooks, StepEvent
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 from anonjoin.simulator._tokens import LEEWAY_S
 
@@ -234,3 +236,36 @@ async def test_leave_during_the_cleanup_of_an_ended_guest_lets_it_finish(sim_fac
         assert [s for r, s in after_join(sim, asi) if r == "delete_application"] == [503, 503, 204]
         assert live_apps(sim) == 0
     assert _our_tasks() == []
+
+
+async def test_leave_has_one_budget_which_a_cancel_does_not_renew(sim_factory: SimFactory) -> None:
+    """Leaving is bounded by ``RetryPolicy.leave_deadline_s`` as a whole: when leave() itself is cancelled
+    in the middle of the DELETEs (a caller's own timeout), the cleanup that the cancel starts shares the
+    deadline of the first instead of getting a new one. The application stays live (given up) and the guest
+    is closed."""
+    budget = 2.0
+    retry = dataclasses.replace(FAST_RETRY, leave_deadline_s=budget)
+    steps = Steps()
+    async with sim_factory() as sim, client_for(sim, retry=retry, hooks=Hooks(on_step=steps)) as client:
+        g = await client.join(meeting_url=sim.info.meeting_url, origin=sim.info.origin, display_name="Ada")
+        sim.set_faults(rule("delete_application", "503", retry_after=0.3))
+        late = steps.when(
+            lambda ev: ev.step == "delete_application" and ev.phase == "end" and ev.attempt == 5
+        )
+        started = time.monotonic()
+        leaving = asyncio.create_task(g.leave())
+        await wait(late, "the fifth DELETE", within=budget * 2)
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        out = await asyncio.wait_for(g.wait_closed(), budget * 2)
+        took = time.monotonic() - started
+        assert out.kind == "left"
+        # one budget (plus a request in flight at its end); a renewed one would run to about 1.5 s + 2 s
+        assert took < budget + 0.8, took
+        assert live_apps(sim) == 1
+    assert _our_tasks() == []
+
+
+def test_leave_deadline_must_be_positive() -> None:
+    with pytest.raises(ConfigurationError, match="leave_deadline_s"):
+        dataclasses.replace(FAST_RETRY, leave_deadline_s=0)
