@@ -385,9 +385,8 @@ class Guest:
                 self._start_join()
                 return
         # out of retries on transient failures; a 403 InvalidToken is one even after a refresh (§4.2)
-        transient = d.action is Action.RETRY or (
-            d.action is Action.REFRESH_AUTH and isinstance(exc, ServiceError) and exc.subcode == "InvalidToken"
-        )
+        invalid_token = isinstance(exc, ServiceError) and exc.subcode == "InvalidToken"
+        transient = d.action is Action.RETRY or (d.action is Action.REFRESH_AUTH and invalid_token)
         if (
             transient
             and self._can_recover()
@@ -677,7 +676,9 @@ class Guest:
                 self._events_url = resolve(resp.url, nxt, step="events")
                 pending = self._start_poll(self._events_url)  # the next poll goes out before processing
                 self._process(body, resp.url)
-                del body, resp  # not kept alive (nor traversed by the GC) while the next poll is parked
+                # not kept alive (nor traversed by the GC) while the next poll is parked: the answer, and the
+                # finished poll task in ``done`` that holds it
+                del body, resp, done
         finally:
             if not pending.done():
                 pending.cancel()

@@ -34,6 +34,7 @@ from anonjoin._exceptions import (
 )
 from anonjoin._models import parse_error_body
 from anonjoin._retry import Attempt
+from anonjoin._tls import LeanTLSConnector
 
 log = logging.getLogger("anonjoin.http")
 
@@ -122,7 +123,7 @@ class HttpClient:
         if self._closed:
             raise RuntimeError("the client is closed")
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, ssl=self._ssl)
+            connector = LeanTLSConnector(limit=0, ssl=self._ssl)  # one TLS read buffer for all
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 trust_env=False,

@@ -55,11 +55,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also run anonjoin once more under cProfile (not counted) and write the stats to FILE",
     )
     p.add_argument(
-        "--tls-read-buffer-kb",
-        type=int,
-        help="experiment: set asyncio's per-connection TLS read buffer (SSLProtocol.max_size) in the clients",
-    )
-    p.add_argument(
         "--growth",
         help="comma-separated growth sizes, overriding the mode's (the largest is the held-guests run)",
     )
@@ -87,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=lambda line: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {line}"),
         seed=ns.seed,
         sim_command=shlex.split(ns.simulator_cmd) if ns.simulator_cmd else None,
-        extra_spec={"tls_read_buffer_kb": ns.tls_read_buffer_kb} if ns.tls_read_buffer_kb else {},
         reuse_simulator=ns.smoke,
     )
     which = ns.only or list(SCENARIOS)
@@ -220,8 +214,11 @@ def _failed(run: dict[str, Any]) -> str:
 
 
 def _ref_label(ref: dict[str, Any]) -> str:
-    kb = ref.get("tls_read_buffer_kb")
-    return str(ref["client"]) + (f" with a {kb} KiB TLS read buffer" if kb else "")
+    if ref["client"] == "raw":
+        return "raw " + (
+            "with anonjoin's LeanTLSConnector" if ref.get("tls") == "lean" else "(aiohttp's connector)"
+        )
+    return str(ref["client"])
 
 
 def render(console: Console, report: dict[str, Any]) -> None:

@@ -10,7 +10,6 @@ leaves inside its slot right after joining (the leave is part of the CPU per joi
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import cProfile
 import gc
 import resource
@@ -52,8 +51,8 @@ class Adapter(Protocol):
 
 
 class RawAdapter:
-    def __init__(self, target: Target, concurrency: int, held: int) -> None:
-        self.client = RawClient(target, pool_size(concurrency, held))
+    def __init__(self, target: Target, concurrency: int, held: int, *, lean_tls: bool = False) -> None:
+        self.client = RawClient(target, pool_size(concurrency, held), lean_tls=lean_tls)
 
     async def open(self) -> None:
         await self.client.__aenter__()
@@ -121,7 +120,8 @@ def make_adapter(spec: dict[str, Any]) -> Adapter:
     held = int(spec["guests"]) if spec.get("hold") else 0
     concurrency = int(spec["concurrency"])
     if spec["client"] == "raw":
-        return RawAdapter(Target.from_info(spec["info"]), concurrency, held)
+        lean = spec.get("tls") == "lean"
+        return RawAdapter(Target.from_info(spec["info"]), concurrency, held, lean_tls=lean)
     if spec["client"] == "client":
         return AnonjoinAdapter(spec["info"], concurrency, held)
     raise ValueError(f"unknown asyncio client {spec['client']!r}")
@@ -275,10 +275,6 @@ async def run(
     spec: dict[str, Any], *, emit: Callable[..., None], wait_for: Callable[[str], None]
 ) -> dict[str, Any]:
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump_tasks)
-    if spec.get("tls_read_buffer_kb"):
-        # Experiment knob: asyncio's TLS transport allocates (and zero-fills) a read buffer of
-        # SSLProtocol.max_size (256 KiB in Python 3.11) per connection, which dominates RSS per held guest.
-        asyncio.sslproto.SSLProtocol.max_size = int(spec["tls_read_buffer_kb"]) * 1024
     if spec["client"] == "anonjoin":
         return await run_anonjoin_runner(spec, emit=emit, wait_for=wait_for)
     guests, concurrency = int(spec["guests"]), int(spec["concurrency"])

@@ -37,7 +37,10 @@ class Sizes:
     growth: tuple[int, ...]  # the largest is also the held-guests run
     capacity_guests: int
     capacity_concurrency: int
-    held_references: tuple[tuple[str, int, int], ...] = ()  # (client, guests, TLS read buffer KiB or 0)
+    # (client, guests or 0 for the held size, TLS connector "stock" or "lean"): held runs not used for the
+    # targets, e.g. the raw client with anonjoin's LeanTLSConnector (what any aiohttp client costs per held
+    # connection without asyncio's per-connection TLS read buffer).
+    held_references: tuple[tuple[str, int, str], ...] = ()
     growth_baseline: bool = True  # also hold the raw client at each growth size
     warmup: int = 1
     worker_timeout_s: float = 60.0  # a worker run's time limit: this plus the next per guest
@@ -51,7 +54,7 @@ FULL = Sizes(
     growth=(100, 1000, 10_000),
     capacity_guests=3000,
     capacity_concurrency=400,
-    held_references=(("anonjoin", 1000, 16),),
+    held_references=(("raw", 0, "lean"),),
 )
 QUICK = Sizes(
     guests=300,
@@ -60,7 +63,7 @@ QUICK = Sizes(
     growth=(20, 100, 200),
     capacity_guests=600,
     capacity_concurrency=100,
-    held_references=(("anonjoin", 200, 16),),
+    held_references=(("raw", 0, "lean"),),
 )
 SMOKE = Sizes(
     guests=4,
@@ -68,6 +71,7 @@ SMOKE = Sizes(
     repeats=1,
     growth=(3,),
     growth_baseline=False,
+    held_references=(("raw", 0, "lean"),),
     capacity_guests=6,
     capacity_concurrency=3,
     worker_timeout_s=60.0,
@@ -327,12 +331,14 @@ def growth(env: Env, sizes: Sizes, client: str = "anonjoin") -> dict[str, Any]:
             b.get("client_rss_per_guest_kb", float("nan")) if b else float("nan")
         )
         p["cpu_vs_raw"] = ratio(p["cpu_ms_per_join"], p["raw_cpu_ms_per_join"])
-    # References, not used for the targets: anonjoin with a 16 KiB asyncio TLS read buffer shows what is
-    # left once asyncio's 256 KiB per-connection read buffer is out of the way.
+    # References, not used for the targets: the raw client with anonjoin's LeanTLSConnector shows what a
+    # bare aiohttp client costs per held guest once asyncio's 256 KiB per-connection TLS read buffer is
+    # gone, so the gap between it and anonjoin is anonjoin's own.
+    largest = max(sizes.growth) if sizes.growth else 0
     references = [
         p
-        for ref_client, n, tls_kb in sizes.held_references
-        if (p := held_run(env, sizes, ref_client, n, tls_kb)) is not None
+        for ref_client, n, tls in sizes.held_references
+        if (p := held_run(env, sizes, ref_client, n or largest, tls)) is not None
     ]
     cpu = [p["cpu_ms_per_join"] for p in points]
     raw_cpu = [b["cpu_ms_per_join"] for b in baseline.values()]
@@ -348,8 +354,12 @@ def growth(env: Env, sizes: Sizes, client: str = "anonjoin") -> dict[str, Any]:
     }
 
 
-def held_run(env: Env, sizes: Sizes, client: str, n: int, tls_kb: int = 0) -> dict[str, Any] | None:
-    """Join ``n`` guests with ``client`` and hold them (polls parked) against a fresh simulator."""
+def held_run(env: Env, sizes: Sizes, client: str, n: int, tls: str = "stock") -> dict[str, Any] | None:
+    """Join ``n`` guests with ``client`` and hold them (polls parked) against a fresh simulator.
+
+    ``tls``: the raw client's connector, aiohttp's ("stock") or anonjoin's ``LeanTLSConnector`` ("lean").
+    anonjoin always uses its own (``LeanTLSConnector``, its default), so ``tls`` does not change it.
+    """
     fit = guests_that_fit(n)
     if fit < n:
         env.log(
@@ -364,14 +374,14 @@ def held_run(env: Env, sizes: Sizes, client: str, n: int, tls_kb: int = 0) -> di
         "hold": True,
         "warmup": sizes.warmup,
     }
-    if tls_kb:
-        spec["tls_read_buffer_kb"] = tls_kb
+    if tls != "stock":
+        spec["tls"] = tls
     with env.simulator() as sim:
         r = try_client(env, sim, spec, sizes)
     if r is None:
         return None
-    r["tls_read_buffer_kb"] = tls_kb or None
-    label = client + (f" (TLS read buffer {tls_kb} KiB)" if tls_kb else "")
+    r["tls"] = tls if client == "raw" else "lean"
+    label = client + (" (LeanTLSConnector)" if client == "raw" and tls == "lean" else "")
     env.log(
         f"held {label} {n:6d} guests: cpu {r['cpu_ms_per_join']:6.2f} ms/join  "
         f"{r['guests_per_s']:7.1f} guests/s  "
@@ -381,9 +391,9 @@ def held_run(env: Env, sizes: Sizes, client: str, n: int, tls_kb: int = 0) -> di
     return r
 
 
-HELD_BYTES_PER_GUEST = (
-    1_200_000  # client + simulator, as measured (each TLS connection costs ~256 KiB a side)
-)
+# Client + simulator per held guest, the worst case measured: the raw client on aiohttp's stock connector
+# (about 370 KB: asyncio's 256 KiB TLS read buffer per connection) plus the simulator (about 120 KB).
+HELD_BYTES_PER_GUEST = 600_000
 
 
 def mem_available() -> int:
