@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Final
 
 from anonjoin._version import __version__
@@ -61,3 +63,26 @@ CAPABILITIES_TTL_S: Final = 3600.0
 """Discover/applications/capabilities are shared by all guests and refetched after this long."""
 EVENT_QUEUE_WARN: Final = 10_000
 INVITATION_IMPORTANCE: Final = "Normal"
+
+# --- Wire --------------------------------------------------------------------------------------------
+ERROR_CODES: Final[Mapping[int, str]] = MappingProxyType(
+    {
+        400: "BadRequest",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "NotFound",
+        405: "MethodNotAllowed",
+        408: "ClientTimeout",
+        409: "Conflict",
+        410: "Gone",
+        412: "PreConditionFailed",
+        413: "EntityTooLarge",
+        415: "UnsupportedMediaType",
+        429: "TooManyRequests",
+        500: "ServiceFailure",
+        503: "ServiceUnavailable",
+        504: "Timeout",
+    }
+)
+"""An error body's ``code`` for each status (protocol.md): what the simulator sends, and what the client
+assumes when an error body has none."""

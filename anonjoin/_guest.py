@@ -59,6 +59,7 @@ from anonjoin._protocol import (
     leave_without_meeting,
     settle,
     signal_of,
+    transient,
 )
 from anonjoin._retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner, StepStats
 
@@ -384,11 +385,8 @@ class Guest:
                 await self._rejoin_wait()
                 self._start_join()
                 return
-        # out of retries on transient failures; a 403 InvalidToken is one even after a refresh (§4.2)
-        invalid_token = isinstance(exc, ServiceError) and exc.subcode == "InvalidToken"
-        transient = d.action is Action.RETRY or (d.action is Action.REFRESH_AUTH and invalid_token)
         if (
-            transient
+            transient(d, exc)
             and self._can_recover()
             and (m.state, Input.RETRY_REJOIN) in TRANSITIONS
             and (self._ever_joined or self._now() < self._deadline_at)

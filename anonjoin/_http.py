@@ -329,7 +329,7 @@ def _service_error(
     ):
         subcode = "InvalidToken"
     if code is None:
-        code = _CODES.get(status)
+        code = C.ERROR_CODES.get(status)
     return ServiceError(
         step=step,
         status=status,
@@ -343,22 +343,3 @@ def _service_error(
         url=url,
         warning=warning,
     )
-
-
-_CODES = {
-    400: "BadRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    408: "ClientTimeout",
-    409: "Conflict",
-    410: "Gone",
-    412: "PreConditionFailed",
-    413: "EntityTooLarge",
-    415: "UnsupportedMediaType",
-    429: "TooManyRequests",
-    500: "ServiceFailure",
-    503: "ServiceUnavailable",
-    504: "Timeout",
-}

@@ -228,6 +228,18 @@ def error_reason(error: BaseException) -> str:
     return type(error).__name__
 
 
+def invalid_token(error: BaseException) -> bool:
+    """A 403 InvalidToken: the token was refused, yet this is known to hit valid tokens too, briefly
+    (protocol.md §4.2). After one refresh it is retried like any transient failure."""
+    return isinstance(error, ServiceError) and error.status == 403 and error.subcode == "InvalidToken"
+
+
+def transient(decision: Decision, error: BaseException) -> bool:
+    """Whether a failure that ran a step out of its attempts may pass if the join is started over later:
+    one retried within the step (5xx, 429, timeouts, a cut connection), or a 403 InvalidToken."""
+    return decision.action is Action.RETRY or invalid_token(error)
+
+
 def classify(step: Step, error: BaseException) -> Decision:
     """The one place that maps a failure of ``step`` to what the client does next (protocol.md §6)."""
     reason = error_reason(error)
@@ -255,7 +267,7 @@ def classify(step: Step, error: BaseException) -> Decision:
                 return Decision(Action.RECREATE if step not in SA_STEPS else Action.RETRY, reason)
             return Decision(Action.RETRY, reason)
         if step in SA_STEPS:
-            if status == 401 or (status == 403 and sub == "InvalidToken"):
+            if status == 401 or invalid_token(error):
                 return Decision(Action.REFRESH_AUTH, reason)
             return Decision(Action.FINAL, reason)  # 403 ApplicationNotFound, 400, ... are final
         # guest side

@@ -22,10 +22,16 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_never
 from anonjoin import _constants as C
 from anonjoin._events import Observer, Step, StepEvent, log_event
 from anonjoin._exceptions import ConfigurationError, ServiceError
-from anonjoin._protocol import THROTTLE_STATUSES, Action, Decision, classify
+from anonjoin._protocol import THROTTLE_STATUSES, Action, Decision, classify, invalid_token
 
 log = logging.getLogger("anonjoin.client")
 T = TypeVar("T")
+
+
+def exponential_backoff(attempt: int, initial: float, cap: float, jitter: float, rng: random.Random) -> float:
+    """``initial`` doubled per attempt after the first, at most ``cap``, plus up to ``jitter``."""
+    base = min(cap, initial * (2 ** max(0, attempt - 1)))
+    return float(base + (rng.uniform(0, jitter) if jitter else 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +68,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """The wait after failed attempt number ``attempt`` (1-based), before Retry-After."""
-        base = min(self.wait_max, self.wait_initial * (2 ** max(0, attempt - 1)))
-        return float(base + (rng.uniform(0, self.jitter) if self.jitter else 0.0))
+        return exponential_backoff(attempt, self.wait_initial, self.wait_max, self.jitter, rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +91,8 @@ class RejoinPolicy:
             raise ConfigurationError("RejoinPolicy times must not be negative")
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.wait_max, self.wait_initial * (2 ** max(0, attempt - 1)))
-        return float(base + (rng.uniform(0, self.jitter) if self.jitter else 0.0))
+        """The wait before consecutive recovery number ``attempt`` + 1."""
+        return exponential_backoff(attempt, self.wait_initial, self.wait_max, self.jitter, rng)
 
     def margin_for(self, lifetime_s: float) -> float:
         """The rejoin margin before expiry, at most a quarter of the token's lifetime."""
@@ -383,7 +388,7 @@ class StepRunner:
                 return clock.monotonic() < deadline and number < loop.attempts
             # Refreshed already. A 403 InvalidToken is known to hit valid tokens too, briefly (protocol.md
             # §4.2): back off and try again with the fresh token; a 401 after a refresh is final.
-            if not (isinstance(exc, ServiceError) and exc.subcode == "InvalidToken"):
+            if not invalid_token(exc):
                 return False
             action = Action.RETRY
         if action is not Action.RETRY or number >= loop.attempts:

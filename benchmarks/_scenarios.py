@@ -40,7 +40,7 @@ class Sizes:
     # (client, guests or 0 for the held size, TLS connector "stock" or "lean"): held runs not used for the
     # targets, e.g. the raw client with anonjoin's LeanTLSConnector (what any aiohttp client costs per held
     # connection without asyncio's per-connection TLS read buffer).
-    held_references: tuple[tuple[str, int, str], ...] = ()
+    held_references: tuple[tuple[str, int, str], ...] = (("raw", 0, "lean"),)
     growth_baseline: bool = True  # also hold the raw client at each growth size
     warmup: int = 1
     worker_timeout_s: float = 60.0  # a worker run's time limit: this plus the next per guest
@@ -54,7 +54,6 @@ FULL = Sizes(
     growth=(100, 1000, 10_000),
     capacity_guests=3000,
     capacity_concurrency=400,
-    held_references=(("raw", 0, "lean"),),
 )
 QUICK = Sizes(
     guests=300,
@@ -63,7 +62,6 @@ QUICK = Sizes(
     growth=(20, 100, 200),
     capacity_guests=600,
     capacity_concurrency=100,
-    held_references=(("raw", 0, "lean"),),
 )
 SMOKE = Sizes(
     guests=4,
@@ -71,7 +69,6 @@ SMOKE = Sizes(
     repeats=1,
     growth=(3,),
     growth_baseline=False,
-    held_references=(("raw", 0, "lean"),),
     capacity_guests=6,
     capacity_concurrency=3,
     worker_timeout_s=60.0,

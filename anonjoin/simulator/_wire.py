@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from anonjoin import _constants as C
 from anonjoin.simulator._config import DateFormat
 
 __all__ = [
@@ -33,23 +34,7 @@ __all__ = [
     "read_json",
 ]
 
-CODES: Mapping[int, str] = {
-    400: "BadRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    408: "ClientTimeout",
-    409: "Conflict",
-    410: "Gone",
-    412: "PreConditionFailed",
-    413: "EntityTooLarge",
-    415: "UnsupportedMediaType",
-    429: "TooManyRequests",
-    500: "ServiceFailure",
-    503: "ServiceUnavailable",
-    504: "Timeout",
-}
+CODES: Mapping[int, str] = C.ERROR_CODES
 
 JSON_TYPE = "application/json"
 
