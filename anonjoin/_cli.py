@@ -8,8 +8,10 @@ flag is argparse's usage line and exit 2; nothing prints a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from anonjoin._cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from anonjoin._exceptions import AnonJoinError, ConfigurationError
@@ -48,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = ns.run
     try:
-        return run(ns)
+        with _quiet_libraries(bool(getattr(ns, "verbose", False))):
+            return run(ns)
     except ConfigurationError as exc:
         print(f"anonjoin {ns.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -58,6 +61,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"anonjoin {ns.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+_LIBRARY_LOGGERS = ("msal", "urllib3", "requests")
+"""Loggers of libraries anonjoin calls that log failures themselves, some with a traceback (msal logs an
+HTML answer from Azure AD with ``logger.exception``). anonjoin reports the same failure as one typed line."""
+
+
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Without ``-v``, records of :data:`_LIBRARY_LOGGERS` go nowhere (Python's last-resort handler would
+    print them, tracebacks included, on stderr); with ``-v`` they propagate as usual."""
+    if verbose:
+        yield
+        return
+    handler = logging.NullHandler()
+    saved = []
+    for name in _LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        saved.append((lib, lib.propagate))
+        lib.addHandler(handler)
+        lib.propagate = False
+    try:
+        yield
+    finally:
+        for lib, propagate in saved:
+            lib.removeHandler(handler)
+            lib.propagate = propagate
 
 
 if __name__ == "__main__":  # pragma: no cover
