@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ def _registrations() -> list[Callable[[argparse._SubParsersAction[argparse.Argum
     # Each module is optional while the package grows; a missing one simply has no sub-command.
     for name in ("anonjoin.simulator._cli", "anonjoin._cli_join", "anonjoin._cli_load"):
         try:
-            module = __import__(name, fromlist=["register"])
+            module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
             if exc.name == name:
                 continue

@@ -15,11 +15,11 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
 
-from anonjoin import _constants as C
 from anonjoin.simulator._config import DateFormat
 
 __all__ = [
@@ -34,7 +34,27 @@ __all__ = [
     "read_json",
 ]
 
-CODES: Mapping[int, str] = C.ERROR_CODES
+CODES: Mapping[int, str] = MappingProxyType(
+    {
+        400: "BadRequest",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "NotFound",
+        405: "MethodNotAllowed",
+        408: "ClientTimeout",
+        409: "Conflict",
+        410: "Gone",
+        412: "PreConditionFailed",
+        413: "EntityTooLarge",
+        415: "UnsupportedMediaType",
+        429: "TooManyRequests",
+        500: "ServiceFailure",
+        503: "ServiceUnavailable",
+        504: "Timeout",
+    }
+)
+"""An error body's ``code`` for each status (protocol.md §6). The simulator's own table: it imports no
+client module (the client keeps its copy in ``anonjoin._constants``; a test checks that the two agree)."""
 
 JSON_TYPE = "application/json"
 
