@@ -262,7 +262,7 @@ class RedisSessionStore(_Singles):
             raise self._error(exc, doing) from exc
 
     async def _retried(self, doing: str, count: int, fn: Callable[[], Awaitable[_T]]) -> _T:
-        """``fn`` retried while Redis is unreachable: floor RETRY_MIN_S, cap RETRY_MAX_S, budget write_retry_s."""
+        """``fn``, retried while Redis is unreachable (floor RETRY_MIN_S, cap RETRY_MAX_S, write_retry_s)."""
         deadline = time.monotonic() + self.write_retry_s
         delay = RETRY_MIN_S
         tries = 0
@@ -307,10 +307,8 @@ class RedisSessionStore(_Singles):
     # -- the SessionStore protocol ---------------------------------------------------------------------------
 
     async def get(self, guest_id: str) -> SessionRecord | None:
-        fields = ("guest_id", *_FIELDS[1:])
-
         async def read() -> list[Any]:
-            return await self._redis.hmget(self._key("s", guest_id), list(fields))  # type: ignore[no-any-return]
+            return await self._redis.hmget(self._key("s", guest_id), list(_FIELDS))
 
         values = await self._once("read", read)
         return None if values[1] is None else self._record(values)
@@ -396,7 +394,7 @@ class RedisSessionStore(_Singles):
 
     async def _renew(self, guest_id: str, fence: Fence, lease_s: float) -> int | None:
         keys = [self._key("lease", guest_id), self._key("epoch", guest_id)]
-        args = [fence.token, str(fence.epoch), max(1, round(lease_s * 1000))]
+        args: list[str | int] = [fence.token, str(fence.epoch), max(1, round(lease_s * 1000))]
 
         async def run() -> Any:
             return await self._scripts["renew"](keys=keys, args=args)
