@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 from anonjoin import LeaseHeld, LeaseLost, StoreError
 from anonjoin._store import MemorySessionStore, NewSession, Outcome, SessionStore, SqliteSessionStore
 from anonjoin._store_redis import RedisSessionStore
-from tests.store.conftest import RedisServer
+
+from ._redis import RedisServer
 
 MEETING = "https://meet.example.test/org/ABC123"
 ORIGIN = "https://app.example.test"
