@@ -53,6 +53,7 @@ DEFAULT_SOCKET_TIMEOUT_S = 2.0
 RETRY_MIN_S = 0.05
 RETRY_MAX_S = 2.0
 SCAN_COUNT = 1000
+DEFAULT_MAX_CONNECTIONS = 32
 
 _T = TypeVar("_T")
 
@@ -192,6 +193,7 @@ class RedisSessionStore(_Singles):
         finished_ttl_s: float = DEFAULT_FINISHED_TTL_S,
         write_retry_s: float = DEFAULT_WRITE_RETRY_S,
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         **redis_kwargs: Any,
@@ -216,14 +218,18 @@ class RedisSessionStore(_Singles):
         self._sleep = sleep
         self._closed = False
         try:
-            self._redis = aioredis.Redis.from_url(
+            # A bounded pool: thousands of leases renewing share max_connections, waiting for a free one.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=max_connections,
+                timeout=socket_timeout_s,
                 decode_responses=True,
                 socket_timeout=socket_timeout_s,
                 socket_connect_timeout=socket_timeout_s,
                 retry=Retry(NoBackoff(), 0),
                 **redis_kwargs,
             )
+            self._redis = aioredis.Redis.from_pool(pool)
         except (ValueError, redis_errors.RedisError) as exc:
             raise StoreError(f"session store {self.url}: bad URL: {type(exc).__name__}") from exc
         self._scripts = {
