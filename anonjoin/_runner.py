@@ -658,7 +658,7 @@ class LoadRunner:
             if lost is not None and not lost.done():
                 lost.cancel()
                 await asyncio.gather(lost, return_exceptions=True)
-        if outcome is None and lost is not None and lost.done():
+        if outcome is None and slot.lease is not None and slot.lease.lost.is_set():
             # Another instance may hold the guest now: it must not stay joined twice.
             await self._leave(guest)
             self._final(slot, "failed", "LeaseLost: another instance took the guest", guest.rejoins)
