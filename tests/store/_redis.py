@@ -41,7 +41,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_redis(tmp: Path) -> RedisServer:
+def start_redis(tmp: Path, *extra: str) -> RedisServer:
     exe = shutil.which("redis-server")
     if exe is None:
         if os.environ.get("CI"):
@@ -61,6 +61,7 @@ def start_redis(tmp: Path) -> RedisServer:
             "no",
             "--dir",
             str(tmp),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -70,7 +71,7 @@ def start_redis(tmp: Path) -> RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
                 conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
+                if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return RedisServer(port, proc)
         except OSError:
             pass
