@@ -111,7 +111,7 @@ async def test_two_rejoins_of_one_guest_one_joins_the_other_is_refused(
         out2, err2 = await asyncio.wait_for(second.communicate(), 60)
         out1, err1 = await asyncio.wait_for(first.communicate(), 60)
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
         await raw.aclose()
         await store.aclose()
     assert second.returncode == 1, err2.decode()
