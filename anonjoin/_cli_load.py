@@ -687,7 +687,7 @@ def run_sessions_command(ns: argparse.Namespace) -> int:
 
 
 async def _sessions(ns: argparse.Namespace) -> int:
-    store = open_store(ns.store, create=False)
+    store = await open_store_ready(ns.store, create=False)
     try:
         records = await store.list()
     finally:

@@ -18,8 +18,10 @@ Leases (:meth:`SessionStore.claim`): one holder per guest at a time. A claim tak
 a third of its life. A write that carries the lease's :class:`Fence` (``Outcome(..., fence=lease.fence)``,
 :meth:`Lease.record_outcome`) is refused with :class:`anonjoin.LeaseLost` unless the lease is still live
 and still that epoch, so an instance whose lease lapsed cannot overwrite the new holder. A renewal that
-finds the lease taken sets :attr:`Lease.lost`; one that cannot reach the store keeps retrying (with a floor
-and a cap on its backoff) until the lease is released: nobody can claim a store that nobody can reach. The
+finds a newer epoch (another instance claimed the guest since) sets :attr:`Lease.lost`, and the holder
+must let the guest go; a lapsed lease that nobody claimed is simply taken back. A renewal that cannot reach
+the store keeps retrying (floor ``RENEW_RETRY_MIN_S``, doubling to a third of the lease) until the lease is
+released: nobody can claim the guest in a store that nobody can reach. The
 memory and SQLite stores give the same semantics within one machine (SQLite: a ``leases`` row with token,
 expiry and epoch, in one transaction); :class:`anonjoin.RedisSessionStore` across machines.
 
@@ -238,16 +240,19 @@ class Lease:
     async def _renew_loop(self) -> None:
         period = self.lease_s / 3
         delay = period
+        failing = False
         while True:
             await asyncio.sleep(delay)
             try:
                 epoch = await self._store._renew(self.guest_id, self._fence, self.lease_s)
             except StoreError as exc:
-                # Unreachable: nobody else can claim it either. Retry sooner, with a floor and a cap.
+                # Unreachable: nobody can claim it there either. Retry from the floor, doubling to the period.
                 self.renew_errors += 1
                 log.debug("anonjoin.store.lease.renew_failed guest=%s: %s", self.guest_id, exc)
-                delay = min(max(RENEW_RETRY_MIN_S, delay / 2 if delay >= period else delay * 2), period)
+                delay = min(delay * 2, period) if failing else min(RENEW_RETRY_MIN_S, period)
+                failing = True
                 continue
+            failing = False
             if epoch is None:
                 log.info("anonjoin.store.lease.lost guest=%s", self.guest_id)
                 self.lost.set()
@@ -394,7 +399,8 @@ class MemorySessionStore(_Singles):
         return epoch
 
     async def _renew(self, guest_id: str, fence: Fence, lease_s: float) -> int | None:
-        if not self._live(guest_id, fence):
+        # Ours while nobody claimed since (the epoch is unchanged), even if it lapsed meanwhile.
+        if self._epochs.get(guest_id) != fence.epoch:
             return None
         self._leases[guest_id] = (fence.token, self._clock() + lease_s)
         return fence.epoch
@@ -729,12 +735,13 @@ class SqliteSessionStore(_Singles):
 
     async def _renew(self, guest_id: str, fence: Fence, lease_s: float) -> int | None:
         def renew(db: sqlite3.Connection) -> int | None:
+            # Ours while nobody claimed since (the epoch is unchanged), even if it lapsed meanwhile.
             db.execute(_LEASES)
-            now = self._clock()
-            if not self._live(db, guest_id, fence, now):
-                return None
-            db.execute("UPDATE leases SET expires_at = ? WHERE guest_id = ?", (now + lease_s, guest_id))
-            return fence.epoch
+            cur = db.execute(
+                "UPDATE leases SET token = ?, expires_at = ? WHERE guest_id = ? AND epoch = ?",
+                (fence.token, self._clock() + lease_s, guest_id, fence.epoch),
+            )
+            return fence.epoch if cur.rowcount == 1 else None
 
         return await self._call(lambda: self._write("renew a lease", renew))
 

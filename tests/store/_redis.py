@@ -41,13 +41,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_redis(tmp: Path, *extra: str) -> RedisServer:
+def start_redis(tmp: Path, *extra: str, port: int | None = None) -> RedisServer:
     exe = shutil.which("redis-server")
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
         pytest.skip("redis-server is not installed (apt-get install redis-server); CI does not skip")
-    port = _free_port()
+    port = port or _free_port()
     proc = subprocess.Popen(
         [
             exe,
