@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -109,11 +110,12 @@ async def test_clear_errors_and_no_credentials_anywhere() -> None:
     with pytest.raises(StoreError, match="used after close"):
         await store.get("g")
     assert safe_store_url("rediss://:pw@[::1]:6380/2?ssl_cert_reqs=none") == "rediss://***@[::1]:6380/2"
-    for bad, match in [
-        (lambda: RedisSessionStore("http://x"), "not a redis"),
-        (lambda: RedisSessionStore("redis://x", ""), "prefix"),
-        (lambda: RedisSessionStore("redis://x", finished_ttl_s=0), "finished_ttl_s"),
-        (lambda: RedisSessionStore("redis://x:notaport/0"), "bad URL"),
-    ]:
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"url": "http://x"}, "not a redis"),
+        ({"url": "redis://x", "prefix": ""}, "prefix"),
+        ({"url": "redis://x", "finished_ttl_s": 0}, "finished_ttl_s"),
+        ({"url": "redis://x:notaport/0"}, "bad URL"),
+    ]
+    for kwargs, match in bad:
         with pytest.raises(StoreError, match=match):
-            bad()
+            RedisSessionStore(**kwargs)
