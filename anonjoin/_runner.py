@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import math
 import time
@@ -297,7 +296,6 @@ class _Slot:
     meeting_url: str
     n: int
     record: GuestRecord | None = None
-    claim: contextlib.AbstractAsyncContextManager[Lease] | None = None
     lease: Lease | None = None
 
 
@@ -513,10 +511,13 @@ class LoadRunner:
                 raise
 
     async def _release_leases(self) -> None:
-        for slot in self._slots:
-            if slot.claim is not None:
-                claim, slot.claim = slot.claim, None
-                await claim.__aexit__(None, None, None)  # stops the renewal; a failed release just lapses
+        """Drop every lease. Once a release fails (the store is unreachable) the rest just lapse."""
+        leases = [s.lease for s in self._slots if s.lease is not None]
+        for lease in leases:
+            lease.stop_renewing()
+        for lease in leases:
+            if not await lease.release():
+                break
 
     # -- arrivals ----------------------------------------------------------------------------------
 
@@ -587,9 +588,8 @@ class LoadRunner:
     async def _claim(self, slot: _Slot) -> bool:
         """Claim the guest's lease (kept until its outcome is written); False (and the outcome) if refused."""
         assert self.lease_s is not None
-        claim = self.store.claim(slot.guest_id, self.lease_s)
         try:
-            slot.lease = await claim.__aenter__()
+            slot.lease = await self.store.take(slot.guest_id, self.lease_s)
         except StoreError as exc:
             self.metrics.guest_join_failed(slot.guest_id)
             reason = (
@@ -597,7 +597,6 @@ class LoadRunner:
             )
             self._final(slot, "failed", reason, 0)
             return False
-        slot.claim = claim
         return True
 
     async def _join(self, slot: _Slot, guest: Guest, arrived: float) -> bool:

@@ -183,6 +183,10 @@ class SessionStore(Protocol):
         (only if still ours)."""
         ...
 
+    async def take(self, guest_id: str, lease_s: float = DEFAULT_LEASE_S) -> Lease:
+        """:meth:`claim` without a ``with`` block (a lease that outlives one): call :meth:`Lease.release`."""
+        ...
+
     async def aclose(self) -> None:
         """Release the store (idempotent)."""
         ...
@@ -221,6 +225,7 @@ class Lease:
         self._fence = fence
         self._store = store
         self._task: asyncio.Task[None] | None = None
+        self._released = False
 
     @property
     def fence(self) -> Fence:
@@ -262,12 +267,25 @@ class Lease:
             self.renewals += 1
             delay = period
 
-    async def _stop(self) -> None:
+    def stop_renewing(self) -> None:
+        """Stop the renewal (the lease then lapses within ``lease_s``); :meth:`release` also does this."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
             self._task = None
+
+    async def release(self) -> bool:
+        """Stop renewing and drop the lease if it is still ours. False if the store could not be reached
+        (the lease then lapses on its own within ``lease_s``). Idempotent."""
+        self.stop_renewing()
+        if self._released:
+            return True
+        self._released = True
+        try:
+            await self._store._release(self.guest_id, self._fence)
+        except StoreError as exc:
+            log.debug("anonjoin.store.lease.release_failed guest=%s: %s", self.guest_id, exc)
+            return False
+        return True
 
     def __repr__(self) -> str:
         return f"Lease(guest_id={self.guest_id!r}, epoch={self.epoch}, lost={self.lost.is_set()})"
@@ -291,8 +309,8 @@ class _Claims:
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         raise NotImplementedError
 
-    @contextlib.asynccontextmanager
-    async def claim(self, guest_id: str, lease_s: float = DEFAULT_LEASE_S) -> AsyncIterator[Lease]:
+    async def take(self, guest_id: str, lease_s: float = DEFAULT_LEASE_S) -> Lease:
+        """:meth:`claim` without a ``with`` block: the caller must :meth:`Lease.release` it."""
         lease_s = _lease_seconds(lease_s)
         token = secrets.token_hex(16)
         epoch = await self._acquire(guest_id, token, lease_s)
@@ -300,14 +318,15 @@ class _Claims:
             raise LeaseHeld(guest_id)
         lease = Lease(self, guest_id, Fence(token, epoch), lease_s)
         lease._start()
+        return lease
+
+    @contextlib.asynccontextmanager
+    async def claim(self, guest_id: str, lease_s: float = DEFAULT_LEASE_S) -> AsyncIterator[Lease]:
+        lease = await self.take(guest_id, lease_s)
         try:
             yield lease
         finally:
-            await lease._stop()
-            try:
-                await self._release(guest_id, lease.fence)
-            except StoreError as exc:  # it lapses on its own
-                log.debug("anonjoin.store.lease.release_failed guest=%s: %s", guest_id, exc)
+            await lease.release()
 
 
 def _check_fences(outcomes: Sequence[Outcome], live: Callable[[str, Fence], bool]) -> None:
