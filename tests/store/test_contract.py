@@ -191,3 +191,16 @@ def test_import_anonjoin_does_not_import_redis() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "RedisSessionStore"
+
+
+async def test_take_and_release_outside_a_block(backend: Backend) -> None:
+    await backend.store.get_or_create("g1", meeting_url=MEETING, origin=ORIGIN, display_name="A")
+    lease = await backend.store.take("g1", 30)
+    with pytest.raises(LeaseHeld):
+        await backend.other.take("g1", 30)
+    assert await lease.release() and await lease.release()  # idempotent
+    again = await backend.other.take("g1", 30)
+    assert again.epoch == lease.epoch + 1
+    with pytest.raises(LeaseLost):
+        await lease.record_outcome("stale")  # a released lease writes nothing
+    await again.release()
