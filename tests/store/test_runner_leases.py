@@ -102,7 +102,7 @@ async def test_a_guest_held_elsewhere_is_refused_and_a_lost_lease_leaves(
     plan = _plan(sim, 6, "g-")
     try:
         async with other.claim(plan.guest_id(6), 60):  # another instance holds guest 6 for the whole run
-            run = Run(sim, plan, store, lease_s=0.6)
+            run = Run(sim, plan, store, lease_s=3.0)
             async with asyncio.timeout(WAIT_S):
                 await run.joined.wait()
             assert run.runner is not None
