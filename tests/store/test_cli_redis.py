@@ -111,7 +111,7 @@ async def test_two_rejoins_of_one_guest_one_joins_the_other_is_refused(
         )
         out2, err2 = await asyncio.wait_for(second.communicate(), 60)
         first.send_signal(signal.SIGINT)  # Ctrl-C: the holder leaves and releases the guest
-        out1, err1 = await asyncio.wait_for(first.communicate(), 60)
+        _out1, err1 = await asyncio.wait_for(first.communicate(), 60)
         async with store.claim(guest, 5):  # released on the way out
             pass
     finally:
