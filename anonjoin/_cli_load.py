@@ -10,7 +10,10 @@ shows live progress, writes ``anonjoin-report.json`` and ``anonjoin-report.html`
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
 ``anonjoin rejoin --guest ID`` brings a guest back with the same id after a restart, and
-``anonjoin sessions`` lists what the store holds.
+``anonjoin sessions`` lists what the store holds. ``--store redis://host:6379/0`` (``rediss://`` for TLS)
+shares one store between several instances; its credentials are never printed. With a file or Redis store,
+``load`` and ``rejoin`` hold a lease per guest while they keep it (``rejoin`` is refused while another
+instance holds the guest).
 """
 
 from __future__ import annotations
