@@ -430,6 +430,9 @@ class LoadRunner:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                for slot in self._slots:  # no renewal outlives the run; the leases lapse on their own
+                    if slot.lease is not None:
+                        slot.lease.stop_renewing()
         for slot in self._slots:
             if slot.record is None:
                 self._final(slot, "cancelled", "not started", 0)
