@@ -119,3 +119,28 @@ async def test_clear_errors_and_no_credentials_anywhere() -> None:
     for kwargs, match in bad:
         with pytest.raises(StoreError, match=match):
             RedisSessionStore(**kwargs)
+
+
+async def test_renew_and_release_compare_and_act_on_the_token(own_redis: RedisServer) -> None:
+    store = RedisSessionStore(own_redis.url)
+    raw = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        lease = await store.take("g1", 30)
+        lease.stop_renewing()  # drive the primitives by hand
+        fence = lease.fence
+        assert await store._renew("g1", fence, 30) == fence.epoch
+        await raw.flushdb()  # Redis restarted without its data: nobody holds the guest, take it back
+        again = await store._renew("g1", fence, 30)
+        assert again is not None and await raw.get("anonjoin:lease:g1") == fence.token
+        await raw.delete("anonjoin:lease:g1")
+        other = await store.take("g1", 30)  # another instance claims it: ours is lost for good
+        other.stop_renewing()
+        assert await store._renew("g1", fence, 30) is None
+        await store._release("g1", fence)  # not ours: left alone
+        assert await raw.get("anonjoin:lease:g1") == other.fence.token
+        assert 29_000 < await raw.pttl("anonjoin:lease:g1") <= 30_000
+        await other.release()
+        assert await raw.exists("anonjoin:lease:g1") == 0
+    finally:
+        await store.aclose()
+        await raw.aclose()
