@@ -14,6 +14,8 @@ from anonjoin._exceptions import (
     CapabilityNotAvailable,
     ConfigurationError,
     JoinFailed,
+    LeaseHeld,
+    LeaseLost,
     MaybeSentError,
     ProtocolError,
     RequestNotSentError,
@@ -38,7 +40,7 @@ from anonjoin._runner import (
     run_load,
 )
 from anonjoin._settings import TargetSettings
-from anonjoin._store import MemorySessionStore, SessionRecord, SessionStore, SqliteSessionStore
+from anonjoin._store import Lease, MemorySessionStore, SessionRecord, SessionStore, SqliteSessionStore
 from anonjoin._version import __version__
 
 # A library stays silent unless the application configures logging.
@@ -68,6 +70,9 @@ __all__ = [
     "Hooks",
     "JoinFailed",
     "JoinResult",
+    "Lease",
+    "LeaseHeld",
+    "LeaseLost",
     "LinearRamp",
     "LoadPlan",
     "LoadResult",
@@ -77,6 +82,7 @@ __all__ = [
     "Metrics",
     "ProtocolError",
     "RateFunction",
+    "RedisSessionStore",
     "RejoinPolicy",
     "RequestNotSentError",
     "RetryPolicy",
@@ -93,3 +99,12 @@ __all__ = [
     "__version__",
     "run_load",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # RedisSessionStore needs redis-py (the ``redis`` extra): imported on first use, not on import.
+    if name == "RedisSessionStore":
+        from anonjoin._store_redis import RedisSessionStore
+
+        return RedisSessionStore
+    raise AttributeError(f"module 'anonjoin' has no attribute {name!r}")

@@ -10,7 +10,10 @@ shows live progress, writes ``anonjoin-report.json`` and ``anonjoin-report.html`
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
 ``anonjoin rejoin --guest ID`` brings a guest back with the same id after a restart, and
-``anonjoin sessions`` lists what the store holds.
+``anonjoin sessions`` lists what the store holds. ``--store redis://host:6379/0`` (``rediss://`` for TLS)
+shares one store between several instances; its credentials are never printed. With a file or Redis store,
+``load`` and ``rejoin`` hold a lease per guest while they keep it (``rejoin`` is refused while another
+instance holds the guest).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -47,7 +51,13 @@ from anonjoin._cli_common import (
 )
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
 from anonjoin._settings import TargetSettings
-from anonjoin._store import MemorySessionStore, SessionStore, SqliteSessionStore, default_store_path
+from anonjoin._store import (
+    DEFAULT_LEASE_S,
+    MemorySessionStore,
+    SessionStore,
+    SqliteSessionStore,
+    default_store_path,
+)
 
 __all__ = ["register", "run_load_command", "run_rejoin_command", "run_sessions_command"]
 
@@ -69,9 +79,10 @@ log = logging.getLogger("anonjoin.cli")
 def _store_flag(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "--store",
-        metavar="PATH",
+        metavar="PATH|URL",
         help=(
-            "session store file (SQLite); default $ANONJOIN_STORE or ~/.local/state/anonjoin/sessions.db; "
+            "session store: a file (SQLite), or redis://host:6379/0 (rediss:// for TLS) shared by several "
+            "instances; default $ANONJOIN_STORE or ~/.local/state/anonjoin/sessions.db; "
             f"{MEMORY_STORE} keeps nothing"
         ),
     )
@@ -243,15 +254,54 @@ def _guarded(command: str, body: Callable[[], int]) -> int:
         return EXIT_FAILED
 
 
+def _store_text(path: str | None) -> str | None:
+    return path or os.environ.get("ANONJOIN_STORE") or None
+
+
+def store_label(path: str | None) -> str:
+    """Where the store is, fit for a report or a message (a Redis URL loses its credentials)."""
+    text = _store_text(path)
+    if text and text.lower().startswith(("redis://", "rediss://", "unix://")):
+        from anonjoin._store_redis import safe_store_url
+
+        return safe_store_url(text)
+    return text or str(default_store_path())
+
+
 def open_store(path: str | None, *, create: bool = True) -> SessionStore:
-    """The store at ``path`` (default: :func:`default_store_path`). ``create=False``: a missing file reads
-    as an empty store and is not created (``sessions`` and ``rejoin`` only read before they write)."""
+    """The store at ``path`` (default: :func:`default_store_path`): a file, ``:memory:`` or a Redis URL.
+
+    ``create=False``: a missing file reads as an empty store and is not created (``sessions`` and
+    ``rejoin`` only read before they write)."""
     if path == MEMORY_STORE:
         return MemorySessionStore()
+    text = _store_text(path)
+    if text and text.lower().startswith(("redis://", "rediss://", "unix://")):
+        from anonjoin._store_redis import RedisSessionStore
+
+        return RedisSessionStore(text)
     file = Path(path).expanduser() if path else default_store_path()
     if not create and not file.exists():
         return MemorySessionStore()
     return SqliteSessionStore(file)
+
+
+async def open_store_ready(path: str | None, *, create: bool = True) -> SessionStore:
+    """:func:`open_store`, and for Redis a first round trip: a server that is down fails here, in one line."""
+    store = open_store(path, create=create)
+    ping = getattr(store, "ping", None)
+    if ping is not None:
+        try:
+            await ping()
+        except BaseException:
+            await store.aclose()
+            raise
+    return store
+
+
+def lease_for(store: SessionStore) -> float | None:
+    """A store others can see (a file, Redis) gets a lease per guest; a memory store needs none."""
+    return None if isinstance(store, MemorySessionStore) else DEFAULT_LEASE_S
 
 
 def is_loopback_url(url: str | None) -> bool:
@@ -356,7 +406,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
                     f"refusing to send {ns.guests} guests to {redact_url(url)}, which is not on loopback: "
                     f"more than {GUARD_GUESTS} guests need --i-own-this-service"
                 )
-    store = open_store(ns.store)
+    store = await open_store_ready(ns.store)
     loop = asyncio.get_running_loop()
     state: dict[str, Any] = {"runner": None, "signals": 0}
 
@@ -418,7 +468,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
                 "display_name": display,
                 "guest_prefix": ns.guest_prefix,
                 "lobby_timeout_s": ns.lobby_timeout,
-                "store": ns.store or str(default_store_path()),
+                "store": store_label(ns.store),
                 "fail_if": ns.fail_if,
                 "endpoint_id": t.endpoint_id,
             }
@@ -440,6 +490,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
                         ca_file=t.ca_file,
                         verify_tls=t.verify_tls(),
                         store=store,
+                        lease_s=lease_for(store),
                         metrics=metrics,
                         meetings=meetings,
                         retry=RetryPolicy(shared_throttle=shared_throttle),
@@ -521,7 +572,7 @@ def run_rejoin_command(ns: argparse.Namespace) -> int:
 async def _rejoin(ns: argparse.Namespace) -> int:
     from anonjoin._client import Client
 
-    store = open_store(ns.store, create=False)
+    store = await open_store_ready(ns.store, create=False)
     try:
         record = await store.get(ns.guest)
         if record is None:
@@ -545,63 +596,73 @@ async def _rejoin(ns: argparse.Namespace) -> int:
             "outcome": "failed",
             "reason": None,
         }
-        credential = settings.credential()
-        try:
-            async with Client(
-                discover_url=settings.discover_url,
-                endpoint_id=settings.endpoint_id,
-                credential=credential,
-                ca_file=settings.ca_file,
-                verify_tls=settings.verify_tls(),
-            ) as client:
-                guest = client.guest(
-                    meeting_url=meeting_url,
-                    origin=origin,
-                    display_name=record.display_name,
-                    guest_id=record.guest_id,
-                    application_session_id=record.application_session_id,
-                )
-                started = time.monotonic()
-                try:
-                    result = await guest.join()
-                except AnonJoinError as exc:
-                    from anonjoin._runner import failure_reason
-
-                    out["reason"] = failure_reason(exc, guest.outcome.reason if guest.outcome else None)
-                    await store.get_or_create(
-                        record.guest_id,
+        async with store.claim(record.guest_id, DEFAULT_LEASE_S) as lease:
+            credential = settings.credential()
+            try:
+                async with Client(
+                    discover_url=settings.discover_url,
+                    endpoint_id=settings.endpoint_id,
+                    credential=credential,
+                    ca_file=settings.ca_file,
+                    verify_tls=settings.verify_tls(),
+                ) as client:
+                    guest = client.guest(
                         meeting_url=meeting_url,
                         origin=origin,
                         display_name=record.display_name,
+                        guest_id=record.guest_id,
+                        application_session_id=record.application_session_id,
                     )
-                    await store.record_outcome(record.guest_id, f"failed: {out['reason']}")
-                    _emit_rejoin(ns, out, time.monotonic() - started)
-                    return EXIT_FAILED
-                out["outcome"] = "joined"
-                out["join_ms"] = round(result.duration_s * 1000, 1)
-                code = EXIT_OK
-                if ns.hold > 0:
+                    started = time.monotonic()
                     try:
-                        closed = await asyncio.wait_for(guest.wait_closed(), timeout=ns.hold)
-                    except TimeoutError:
-                        pass
-                    else:
-                        out["outcome"] = closed.kind
-                        out["reason"] = closed.reason
-                        code = EXIT_FAILED
-                await guest.leave()
-                out["rejoins_during_hold"] = guest.rejoins
-        finally:
-            await credential.aclose()
-        await store.get_or_create(
-            record.guest_id, meeting_url=meeting_url, origin=origin, display_name=record.display_name
-        )
-        await store.record_outcome(
-            record.guest_id,
-            "joined" if out["outcome"] == "joined" else f"{out['outcome']}: {out['reason']}",
-            rejoins=1,
-        )
-        _emit_rejoin(ns, out, None)
+                        result = await guest.join()
+                    except AnonJoinError as exc:
+                        from anonjoin._runner import failure_reason
+
+                        out["reason"] = failure_reason(exc, guest.outcome.reason if guest.outcome else None)
+                        await store.get_or_create(
+                            record.guest_id,
+                            meeting_url=meeting_url,
+                            origin=origin,
+                            display_name=record.display_name,
+                        )
+                        await lease.record_outcome(f"failed: {out['reason']}")
+                        _emit_rejoin(ns, out, time.monotonic() - started)
+                        return EXIT_FAILED
+                    out["outcome"] = "joined"
+                    out["join_ms"] = round(result.duration_s * 1000, 1)
+                    code = EXIT_OK
+                    if ns.hold > 0:
+                        closing = asyncio.ensure_future(guest.wait_closed())
+                        losing = asyncio.ensure_future(lease.lost.wait())
+                        await asyncio.wait(
+                            {closing, losing}, timeout=ns.hold, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        for fut in (closing, losing):
+                            fut.cancel()
+                        await asyncio.gather(closing, losing, return_exceptions=True)
+                        if closing.done() and not closing.cancelled():
+                            closed = closing.result()
+                            out["outcome"] = closed.kind
+                            out["reason"] = closed.reason
+                            code = EXIT_FAILED
+                        elif lease.lost.is_set():  # another instance took the guest: leave at once
+                            out["outcome"] = "failed"
+                            out["reason"] = "LeaseLost: another instance took the guest"
+                            code = EXIT_FAILED
+                    await guest.leave()
+                    out["rejoins_during_hold"] = guest.rejoins
+            finally:
+                await credential.aclose()
+            if not lease.lost.is_set():  # else the guest is the new holder's to record
+                await store.get_or_create(
+                    record.guest_id, meeting_url=meeting_url, origin=origin, display_name=record.display_name
+                )
+                await lease.record_outcome(
+                    "joined" if out["outcome"] == "joined" else f"{out['outcome']}: {out['reason']}",
+                    rejoins=1,
+                )
+            _emit_rejoin(ns, out, None)
         return code
     finally:
         await store.aclose()
@@ -629,7 +690,7 @@ def run_sessions_command(ns: argparse.Namespace) -> int:
 
 
 async def _sessions(ns: argparse.Namespace) -> int:
-    store = open_store(ns.store, create=False)
+    store = await open_store_ready(ns.store, create=False)
     try:
         records = await store.list()
     finally:

@@ -15,6 +15,8 @@ pydantic, ssl) are translated at the boundary with ``raise ... from`` and never 
     ├── CapabilityNotAvailable    the tenant lacks a consented capability (anonApplicationTokens, ...)
     ├── JoinFailed                a guest ended without joining; ``reason`` says why (final)
     └── StoreError                the session store file is corrupt, locked or unwritable
+        ├── LeaseHeld             another instance holds the guest's lease (claim refused)
+        └── LeaseLost             the lease lapsed or was taken over: the write was refused (fenced)
 
 No message, ``repr`` or attribute of these exceptions carries a secret: URLs are kept without their query
 (a discover link carries the psat token in its query) and response bodies are clipped and scrubbed.
@@ -30,6 +32,8 @@ __all__ = [
     "CapabilityNotAvailable",
     "ConfigurationError",
     "JoinFailed",
+    "LeaseHeld",
+    "LeaseLost",
     "MaybeSentError",
     "ProtocolError",
     "RequestNotSentError",
@@ -224,3 +228,22 @@ class JoinFailed(AnonJoinError):
 
 class StoreError(AnonJoinError):
     """The session store cannot be read or written (corrupt, locked, unwritable)."""
+
+
+class LeaseHeld(StoreError):
+    """A claim was refused: another instance holds the guest's lease."""
+
+    def __init__(self, guest_id: str) -> None:
+        self.guest_id = guest_id
+        super().__init__(
+            f"guest {guest_id!r} is held by another instance (its lease is live); try again later"
+        )
+
+
+class LeaseLost(StoreError):
+    """A write under a lease was refused by the fence: the lease lapsed or a newer holder took the guest."""
+
+    def __init__(self, guest_ids: list[str] | tuple[str, ...]) -> None:
+        self.guest_ids = tuple(guest_ids)
+        shown = ", ".join(repr(g) for g in self.guest_ids[:5]) + (" ..." if len(self.guest_ids) > 5 else "")
+        super().__init__(f"lease lost for guest {shown}: another instance may hold it now; write refused")

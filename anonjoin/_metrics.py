@@ -159,6 +159,12 @@ class Metrics:
         self.last_join_s = 0.0
         """Seconds from the start to the latest first join (the end of the join phase)."""
         self.leave_errors = 0
+        self.store_writes_late = 0
+        """Outcome records the session store wrote only after retrying (it was unreachable for a while)."""
+        self.store_writes_lost = 0
+        """Outcome records the session store could not write at all (the report still has them)."""
+        self.store_writes_fenced = 0
+        """Outcome records refused by a lease fence (another instance took the guest)."""
         self._joined_now: set[str] = set()
         self._in_lobby: set[str] = set()
         self.seconds: list[SecondBucket] = []

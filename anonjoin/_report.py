@@ -9,6 +9,7 @@ The JSON keys (``REPORT_SCHEMA``; latencies in milliseconds, rates in guests per
     retries_by_reason {reason: n}    retries_by_step {step: n}
     meetings {conference id: {guests, joined, failed, ended, cancelled}}
     rejoins, rejoin_attempts, drops, drops_by_reason {reason: n}, leave_errors
+    store_writes {late, lost, fenced}                            outcome writes retried / not made / fenced
     duration_s, join_phase_s, joins_per_s
     join_latency_ms {count, p50, p90, p95, p99, max, mean}      arrival -> joined, lobby excluded
     lobby_ms, queue_ms, rejoin_ms                                same shape
@@ -168,6 +169,11 @@ def build_report(
         "drops": metrics.drops,
         "drops_by_reason": _counter(metrics.drops_by_reason),
         "leave_errors": metrics.leave_errors,
+        "store_writes": {
+            "late": metrics.store_writes_late,
+            "lost": metrics.store_writes_lost,
+            "fenced": metrics.store_writes_fenced,
+        },
         "duration_s": round(metrics.duration_s, 3),
         "join_phase_s": round(join_phase, 3),
         "joins_per_s": round(metrics.first_joins / join_phase, 3) if join_phase > 0 else 0.0,

@@ -19,6 +19,11 @@ How a run goes:
 Every guest ends in exactly one :class:`~anonjoin._report.GuestRecord`: ``joined`` (joined, and never
 failed for good), ``failed`` with the client's final reason, ``ended`` (its meeting ended: not a failure of
 the client), or ``cancelled``. The outcomes are written back to the store in one batch at the end.
+
+With ``lease_s`` (the CLI sets it for a file or Redis store), each guest is claimed in the store
+(:meth:`~anonjoin.SessionStore.claim`) before it joins and kept claimed until its outcome is written (fenced
+by the lease): a guest another instance holds fails with ``LeaseHeld``; a guest whose lease is lost leaves
+and fails with ``LeaseLost``. Outcome writes the store cannot make are counted (``metrics.store_writes_*``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from anonjoin._exceptions import (
     AuthError,
     ConfigurationError,
     JoinFailed,
+    LeaseHeld,
+    LeaseLost,
     ProtocolError,
     ServiceError,
     StoreError,
@@ -49,7 +56,7 @@ from anonjoin._protocol import TERMINAL, GuestState
 from anonjoin._report import GuestRecord
 from anonjoin._retry import RejoinPolicy, RetryPolicy
 from anonjoin._service import CredentialLike
-from anonjoin._store import MemorySessionStore, NewSession, Outcome, SessionStore
+from anonjoin._store import Lease, MemorySessionStore, NewSession, Outcome, SessionStore
 
 __all__ = [
     "ArrivalSchedule",
@@ -289,6 +296,7 @@ class _Slot:
     meeting_url: str
     n: int
     record: GuestRecord | None = None
+    lease: Lease | None = None
 
 
 class _JoinSlots:
@@ -349,6 +357,7 @@ class LoadRunner:
         *,
         metrics: Metrics | None = None,
         store: SessionStore | None = None,
+        lease_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
@@ -356,6 +365,7 @@ class LoadRunner:
         self.metrics = metrics if metrics is not None else Metrics(guests=plan.guests)
         self.metrics.guests = plan.guests
         self.store: SessionStore = store if store is not None else MemorySessionStore()
+        self.lease_s = lease_s
         self._clock = clock
         self._stop: asyncio.Future[None] | None = None
         self._interrupted = False
@@ -402,6 +412,7 @@ class LoadRunner:
             self._stop.set_result(None)
         started_at = time.time()
         plan = self.plan
+        late_before: int = getattr(self.store, "writes_late", 0)
         self._slots = await self._assign()
         slots = self._join_slots = _JoinSlots(plan.concurrency)
         if self._interrupted:
@@ -419,6 +430,9 @@ class LoadRunner:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                for slot in self._slots:  # no renewal outlives the run; the leases lapse on their own
+                    if slot.lease is not None:
+                        slot.lease.stop_renewing()
         for slot in self._slots:
             if slot.record is None:
                 self._final(slot, "cancelled", "not started", 0)
@@ -431,6 +445,15 @@ class LoadRunner:
         except StoreError as exc:
             # The ids were saved before the run; only the outcomes are missing. The report still has them.
             warnings.append(f"the session store did not record the outcomes: {exc}")
+        finally:
+            await self._release_leases()
+        m = self.metrics
+        m.store_writes_late += getattr(self.store, "writes_late", 0) - late_before
+        if m.store_writes_late or m.store_writes_lost or m.store_writes_fenced:
+            warnings.append(
+                f"session store: {m.store_writes_late} writes late (retried until the store answered), "
+                f"{m.store_writes_lost} lost, {m.store_writes_fenced} refused by the lease fence"
+            )
         return LoadResult(records, self.metrics, started_at, self._interrupted, warnings)
 
     def _settle_ended_meetings(self) -> None:
@@ -466,12 +489,38 @@ class LoadRunner:
         return slots
 
     async def _save_outcomes(self, records: Sequence[GuestRecord]) -> None:
+        fences = {s.guest_id: s.lease.fence for s in self._slots if s.lease is not None}
         outcomes = [
-            Outcome(r.guest_id, r.outcome if r.reason is None else f"{r.outcome}: {r.reason}", r.rejoins)
+            Outcome(
+                r.guest_id,
+                r.outcome if r.reason is None else f"{r.outcome}: {r.reason}",
+                r.rejoins,
+                fences.get(r.guest_id),
+            )
             for r in records
         ]
+        m = self.metrics
         for lo in range(0, len(outcomes), STORE_BATCH):
-            await self.store.record_outcomes(outcomes[lo : lo + STORE_BATCH])
+            batch = outcomes[lo : lo + STORE_BATCH]
+            try:
+                try:
+                    await self.store.record_outcomes(batch)
+                except LeaseLost as exc:  # those guests are another instance's now: write the others
+                    m.store_writes_fenced += len(exc.guest_ids)
+                    refused = set(exc.guest_ids)
+                    await self.store.record_outcomes([o for o in batch if o.guest_id not in refused])
+            except StoreError:
+                m.store_writes_lost += len(outcomes) - lo
+                raise
+
+    async def _release_leases(self) -> None:
+        """Drop every lease. Once a release fails (the store is unreachable) the rest just lapse."""
+        leases = [s.lease for s in self._slots if s.lease is not None]
+        for lease in leases:
+            lease.stop_renewing()
+        for lease in leases:
+            if not await lease.release():
+                break
 
     # -- arrivals ----------------------------------------------------------------------------------
 
@@ -518,6 +567,8 @@ class LoadRunner:
             return
         try:
             m.guest_started(self._clock() - arrived)
+            if self.lease_s is not None and not await self._claim(slot):
+                return
             try:
                 guest = self.client.guest(
                     meeting_url=slot.meeting_url,
@@ -536,6 +587,20 @@ class LoadRunner:
             slots.release()
         if joined:
             await self._hold(slot, guest)
+
+    async def _claim(self, slot: _Slot) -> bool:
+        """Claim the guest's lease (kept until its outcome is written); False (and the outcome) if refused."""
+        assert self.lease_s is not None
+        try:
+            slot.lease = await self.store.take(slot.guest_id, self.lease_s)
+        except StoreError as exc:
+            self.metrics.guest_join_failed(slot.guest_id)
+            reason = (
+                "LeaseHeld: another instance holds the guest" if isinstance(exc, LeaseHeld) else "StoreError"
+            )
+            self._final(slot, "failed", reason, 0)
+            return False
+        return True
 
     async def _join(self, slot: _Slot, guest: Guest, arrived: float) -> bool:
         """The first join; True if joined. Records the outcome otherwise.
@@ -579,15 +644,27 @@ class LoadRunner:
     async def _hold(self, slot: _Slot, guest: Guest) -> None:
         assert self._stop is not None
         outcome = guest.outcome  # set once the guest has closed
+        lost: asyncio.Future[Any] | None = None
         if outcome is None and self.plan.hold_s > 0 and not self._stop.done():
             closed = asyncio.ensure_future(guest.wait_closed())
             waits: set[asyncio.Future[Any]] = {closed, self._stop}
+            if slot.lease is not None:
+                lost = asyncio.ensure_future(slot.lease.lost.wait())
+                waits.add(lost)
             await asyncio.wait(waits, timeout=self.plan.hold_s, return_when=asyncio.FIRST_COMPLETED)
             if closed.done():
                 outcome = closed.result()
             else:
                 closed.cancel()
                 await asyncio.gather(closed, return_exceptions=True)
+            if lost is not None and not lost.done():
+                lost.cancel()
+                await asyncio.gather(lost, return_exceptions=True)
+        if outcome is None and slot.lease is not None and slot.lease.lost.is_set():
+            # Another instance may hold the guest now: it must not stay joined twice.
+            await self._leave(guest)
+            self._final(slot, "failed", "LeaseLost: another instance took the guest", guest.rejoins)
+            return
         if outcome is not None:
             if outcome.kind == "left":
                 # Left on its own (another poll took over, for example): it was joined and nothing failed.
@@ -712,6 +789,7 @@ async def run_load(
     rejoin: RejoinPolicy | None = None,
     hooks: Hooks | None = None,
     store: SessionStore | None = None,
+    lease_s: float | None = None,
     metrics: Metrics | None = None,
     meetings: int = 0,
     on_runner: Callable[[LoadRunner], None] | None = None,
@@ -740,7 +818,7 @@ async def run_load(
             urls.append(made.join_url)
         if urls != list(plan.meeting_urls):
             plan = dataclasses.replace(plan, meeting_urls=tuple(urls))
-        runner = LoadRunner(client, plan, metrics=metrics, store=store)
+        runner = LoadRunner(client, plan, metrics=metrics, store=store, lease_s=lease_s)
         if on_runner is not None:
             on_runner(runner)
         return await runner.run()
