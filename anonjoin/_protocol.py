@@ -35,6 +35,7 @@ from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
     CapabilityNotAvailable,
+    InsecureTarget,
     JoinFailed,
     MaybeSentError,
     ProtocolError,
@@ -243,6 +244,8 @@ def transient(decision: Decision, error: BaseException) -> bool:
 def classify(step: Step, error: BaseException) -> Decision:
     """The one place that maps a failure of ``step`` to what the client does next (protocol.md §6)."""
     reason = error_reason(error)
+    if isinstance(error, InsecureTarget):  # a token would go over http / off the service: never retried
+        return Decision(Action.FINAL, reason)
     if isinstance(error, TransportError) and error.final:  # e.g. an untrusted TLS certificate
         return Decision(Action.FINAL, reason)
     if isinstance(error, RequestNotSentError):

@@ -89,6 +89,7 @@ class ServiceApp:
         if not endpoint_id:
             raise ConfigurationError("endpoint_id is required (sip:...)")
         self._http = http
+        http.trust(url)  # the service's own host: where the AAD token may go (over https only)
         self._runner = runner
         self._cred = credential
         self._discover_url = url
