@@ -90,6 +90,19 @@ def make_ssl_context(ca_file: str | None, verify_tls: bool) -> ssl.SSLContext:
         raise ConfigurationError(f"cannot load CA file {ca_file!r}: {exc}") from exc
 
 
+def parse_http_date(value: str | None) -> float | None:
+    """An HTTP date (a ``Date`` header, a ``Retry-After`` date) as epoch seconds, or None."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:  # pragma: no cover - older Pythons
+        return None
+    return when.timestamp()
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """``Retry-After`` as seconds from now: delta-seconds or an HTTP date (never negative)."""
     if not value:
@@ -99,13 +112,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    when = parse_http_date(value)
+    if when is None:
         return None
-    if when is None:  # pragma: no cover - older Pythons
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 class HttpClient:

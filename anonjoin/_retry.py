@@ -83,10 +83,13 @@ class RejoinPolicy:
     jitter: float = C.REJOIN_JITTER_S
     on_drop: bool = True
     on_expiry: bool = True
+    min_psat_lifetime_s: float = C.MIN_PSAT_LIFETIME_S
 
     def __post_init__(self) -> None:
         if self.attempts < 0:
             raise ConfigurationError("RejoinPolicy.attempts must not be negative")
+        if self.min_psat_lifetime_s < 0:
+            raise ConfigurationError("RejoinPolicy.min_psat_lifetime_s must not be negative")
         if self.expiry_margin_s < 0 or self.wait_initial < 0 or self.wait_max < 0 or self.jitter < 0:
             raise ConfigurationError("RejoinPolicy times must not be negative")
 

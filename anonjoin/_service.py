@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from yarl import URL
@@ -20,7 +21,7 @@ from anonjoin._exceptions import (
     ConfigurationError,
     ServiceError,
 )
-from anonjoin._http import HttpClient, Response
+from anonjoin._http import HttpClient, Response, parse_http_date
 from anonjoin._models import (
     AdhocMeeting,
     ApplicationBody,
@@ -273,9 +274,17 @@ class ServiceApp:
             discover = require_link(t.links, r.url, "discover", step="anon_tokens", status=r.status)
             claims = psat_claims(t.token)
             confid = claims.get("confid")
+            now = self._clock.time()
+            lifetime = None
+            if t.expiry_time is not None:
+                # against the service's clock (its Date header) where it gives one: skew does not count
+                server_now = parse_http_date(r.headers.get("Date"))
+                lifetime = t.expiry_time.timestamp() - (now if server_now is None else server_now)
             return GuestGrant(
                 token=t.token,
-                expires_at=t.expiry_time,
+                expires_at=t.expiry_time or datetime.fromtimestamp(now, UTC),
+                lifetime_s=lifetime,
+                received_at=now,
                 discover_url=str(discover),
                 application_session_id=application_session_id,
                 meeting_url=meeting_url or "",

@@ -405,14 +405,15 @@ class RecordingClock(Clock):
 
 FAST_RETRY = RetryPolicy(attempts=4, wait_initial=0.01, wait_max=0.05, jitter=0.0, step_deadline_s=10,
                          guest_deadline_s=20, request_timeout_s=5)  # fmt: skip
-FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, jitter=0.0, expiry_margin_s=1.0)
+FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, jitter=0.0, expiry_margin_s=1.0,
+                           min_psat_lifetime_s=0.5)  # short-lived psats are these tests' subject  # fmt: skip
 
 
 _CA_DIR = tempfile.TemporaryDirectory(prefix="anonjoin-fake-ca-")
 CA_FILE = os.path.join(_CA_DIR.name, "ca.pem")
 with open(CA_FILE, "wb") as _f:
     _f.write(ca_pem())
-"""The test CA (the simulator's) that signs the fake's certificate for 127.0.0.1: tokens go over https only."""
+"""The test CA (the simulator's) that signs the fake's certificate: tokens go over https only."""
 
 
 @asynccontextmanager
