@@ -28,6 +28,7 @@ from anonjoin._exceptions import (
     ProtocolError,
     RequestNotSentError,
     ServiceError,
+    TransportError,
     redact_url,
 )
 from anonjoin._http import HttpClient, Response, request_id
@@ -393,6 +394,7 @@ class Guest:
                 return
         if (
             transient(d, exc)
+            and step not in SHARED_STEPS  # already tried for every guest, to its cap (issue 11)
             and self._can_recover()
             and (m.state, Input.RETRY_REJOIN) in TRANSITIONS
             and (self._ever_joined or self._now() < self._deadline_at)
@@ -413,6 +415,11 @@ class Guest:
         m.handle(Input.FAIL, reason)
 
     def _final_error(self, step: Step, exc: AnonJoinError, reason: str) -> AnonJoinError:
+        if isinstance(exc, TransportError) and not self._ever_joined and self._now() >= self._deadline_at:
+            # the attempt was cut at the guest's deadline (issue 11): the join timed out
+            err = JoinFailed("JoinTimeout", f"{step}: cut at the guest deadline ({reason})", cause_step=step)
+            err.__cause__ = exc
+            return err
         if isinstance(exc, ServiceError) and step not in SHARED_STEPS:
             err = JoinFailed(reason, str(exc), cause_step=step)
             err.__cause__ = exc

@@ -180,7 +180,9 @@ class HttpClient:
             )
         return self._session
 
-    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+    def _timeout(self, seconds: float, cut: bool = False) -> aiohttp.ClientTimeout:
+        if cut:  # a deadline within the attempt: everything, connecting included, ends by it
+            return aiohttp.ClientTimeout(total=seconds, sock_connect=min(seconds, self._connect_timeout))
         t = self._timeouts.get(seconds)
         if t is None:
             # One timer per request (``total``); a ``sock_read`` timer would be re-armed on every chunk read.
@@ -226,7 +228,7 @@ class HttpClient:
             await slots.acquire()
         try:
             session = self.session()
-            timeout = self._timeout(attempt.timeout_s)
+            timeout = self._timeout(attempt.timeout_s, attempt.cut)
             target = url
             debug = log.isEnabledFor(logging.DEBUG)
             token = "Authorization" in hdrs

@@ -19,6 +19,7 @@ from anonjoin._exceptions import (
     AuthError,
     CapabilityNotAvailable,
     ConfigurationError,
+    RequestNotSentError,
     ServiceError,
 )
 from anonjoin._http import HttpClient, Response, parse_http_date
@@ -178,6 +179,16 @@ class ServiceApp:
         inflight = self._inflight
         self._waiters += 1
         try:
+            if deadline_at is not None and not inflight.done():
+                # a fetch another guest started runs to its own deadline; this caller waits only to its own
+                left = deadline_at - self._clock.monotonic()
+                done, _ = await asyncio.wait({inflight}, timeout=max(0.0, left))
+                if not done:
+                    raise RequestNotSentError(
+                        "the shared discover did not complete within this guest's deadline",
+                        step="discover",
+                        url=self._discover_url,
+                    )
             return await asyncio.shield(inflight)
         except asyncio.CancelledError:
             # the last waiter gone: stop the shared fetch instead of leaving it (and a connection) behind
