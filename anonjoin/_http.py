@@ -231,7 +231,7 @@ class HttpClient:
             timeout = self._timeout(attempt.timeout_s, attempt.cut)
             target = url
             debug = log.isEnabledFor(logging.DEBUG)
-            token = "Authorization" in hdrs
+            token = "Authorization" in hdrs or any(k.lower() == "authorization" for k in hdrs)
             for hop in range(2):
                 if token and not self.trusted(target):
                     raise _insecure(step, target, hop)
