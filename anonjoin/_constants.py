@@ -53,6 +53,12 @@ REJOIN_ATTEMPTS: Final = 5
 EXPIRY_MARGIN_S: Final = 300.0
 EXPIRY_MARGIN_FRACTION: Final = 0.25
 """For a short-lived psat the margin is at most this fraction of its lifetime."""
+MIN_PSAT_LIFETIME_S: Final = 60.0
+"""A psat granted with less life than this (``expiryTime`` past, a bare number, missing, unparsable, or
+near) is suspect (``RejoinPolicy.min_psat_lifetime_s``): each renewal of one counts against the recovery
+budget (``RejoinPolicy.attempts``); past it the guest fails with reason ``BadExpiry`` (issue 11)."""
+REMINT_FLOOR_S: Final = 1.0
+"""A guest never mints psats closer together than this, whatever the service says about their expiry."""
 REJOIN_WAIT_INITIAL_S: Final = 0.5
 REJOIN_WAIT_MAX_S: Final = 30.0
 REJOIN_JITTER_S: Final = 0.5
@@ -62,6 +68,12 @@ LOBBY_TIMEOUT_S: Final = 300.0
 CAPABILITIES_TTL_S: Final = 3600.0
 """Discover/applications/capabilities are shared by all guests and refetched after this long."""
 EVENT_QUEUE_WARN: Final = 10_000
+POLL_FLOOR_S: Final = 0.05
+"""An event poll answered faster than this with nothing in it (no event, a heartbeat, only ``resync``) is
+idle: the next poll waits (issue 11), ``POLL_IDLE_WAIT_INITIAL_S`` doubling up to ``POLL_IDLE_WAIT_MAX_S``;
+an answer with a real event, or one the service held, resets the wait."""
+POLL_IDLE_WAIT_INITIAL_S: Final = 0.1
+POLL_IDLE_WAIT_MAX_S: Final = 5.0
 INVITATION_IMPORTANCE: Final = "Normal"
 
 # --- Wire --------------------------------------------------------------------------------------------

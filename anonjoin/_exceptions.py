@@ -11,7 +11,8 @@ pydantic, ssl) are translated at the boundary with ``raise ... from`` and never 
     ├── ServiceError              the service answered with an error status (status, code, subcode, ...)
     ├── AuthError                 Azure AD refused or failed to issue a token
     ├── ProtocolError             a response anonjoin cannot use: bad JSON, missing link, too large,
-    │                             an href that is not http(s), an input the state machine has no row for
+    │   │                         an href that is not http(s), an input the state machine has no row for
+    │   └── InsecureTarget        a token would go over http or to a host outside the service (final)
     ├── CapabilityNotAvailable    the tenant lacks a consented capability (anonApplicationTokens, ...)
     ├── JoinFailed                a guest ended without joining; ``reason`` says why (final)
     └── StoreError                the session store file is corrupt, locked or unwritable
@@ -31,6 +32,7 @@ __all__ = [
     "AuthError",
     "CapabilityNotAvailable",
     "ConfigurationError",
+    "InsecureTarget",
     "JoinFailed",
     "LeaseHeld",
     "LeaseLost",
@@ -204,6 +206,11 @@ class ProtocolError(AnonJoinError):
         if correlation_id:
             parts.append(f"correlation-id={correlation_id}")
         super().__init__(" ".join(parts))
+
+
+class InsecureTarget(ProtocolError):
+    """A request carrying a token (AAD bearer or psat) would go over http, or to a host outside the
+    service's trusted set (see ``anonjoin._http``): refused before anything is sent. Final, never retried."""
 
 
 class CapabilityNotAvailable(AnonJoinError):

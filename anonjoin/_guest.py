@@ -28,6 +28,7 @@ from anonjoin._exceptions import (
     ProtocolError,
     RequestNotSentError,
     ServiceError,
+    TransportError,
     redact_url,
 )
 from anonjoin._http import HttpClient, Response, request_id
@@ -55,8 +56,11 @@ from anonjoin._protocol import (
     GuestState,
     Input,
     Signal,
+    bad_expiry,
     classify,
     leave_without_meeting,
+    plan_expiry,
+    poll_wait,
     settle,
     signal_of,
     transient,
@@ -170,6 +174,9 @@ class Guest:
         self._in_poll_wait = False
         self._bg: set[asyncio.Task[None]] = set()
         self._holdoff: dict[str, float] = {}  # step -> no request before (this guest's Retry-After)
+        self._last_mint_at: float | None = None  # monotonic instant of this guest's last psat request
+        self._suspect_grants = 0  # psats in a row granted with a suspect expiry (issue 11)
+        self._grant_until = 0.0  # monotonic instant the guest's psat is taken to expire (bounded)
 
     def __repr__(self) -> str:
         return (
@@ -387,6 +394,7 @@ class Guest:
                 return
         if (
             transient(d, exc)
+            and step not in SHARED_STEPS  # already tried for every guest, to its cap (issue 11)
             and self._can_recover()
             and (m.state, Input.RETRY_REJOIN) in TRANSITIONS
             and (self._ever_joined or self._now() < self._deadline_at)
@@ -407,6 +415,11 @@ class Guest:
         m.handle(Input.FAIL, reason)
 
     def _final_error(self, step: Step, exc: AnonJoinError, reason: str) -> AnonJoinError:
+        if isinstance(exc, TransportError) and not self._ever_joined and self._now() >= self._deadline_at:
+            # the attempt was cut at the guest's deadline (issue 11): the join timed out
+            err = JoinFailed("JoinTimeout", f"{step}: cut at the guest deadline ({reason})", cause_step=step)
+            err.__cause__ = exc
+            return err
         if isinstance(exc, ServiceError) and step not in SHARED_STEPS:
             err = JoinFailed(reason, str(exc), cause_step=step)
             err.__cause__ = exc
@@ -472,6 +485,12 @@ class Guest:
         )
 
     async def _mint(self) -> None:
+        clock = self._ctx.clock
+        if self._last_mint_at is not None:  # never psats closer together than the floor (issue 11)
+            wait = self._last_mint_at + C.REMINT_FLOOR_S - self._now()
+            if wait > 0:
+                await clock.sleep(min(wait, max(0.0, self._deadline_at - self._now())))
+        self._last_mint_at = self._now()
         grant = await self._ctx.service.mint_grant(
             meeting_url=self.meeting_url,
             allowed_origins=self.origin,
@@ -481,11 +500,20 @@ class Guest:
             holdoff=self._holdoff,
             deadline_at=self._deadline_at,
         )
+        pol = self._ctx.rejoin
+        plan = plan_expiry(grant.lifetime_s, pol.min_psat_lifetime_s)
+        renews = pol.enabled and pol.on_expiry
+        self._suspect_grants = self._suspect_grants + 1 if plan.suspect and renews else 0
+        if bad_expiry(self._suspect_grants, pol.attempts):
+            raise JoinFailed(
+                "BadExpiry",
+                f"{self._suspect_grants} psats in a row with under {pol.min_psat_lifetime_s:g} s to live",
+                cause_step="anon_tokens",
+            )
         self._grant = grant
-        clock = self._ctx.clock
-        left = grant.expiry_epoch - clock.time()
-        if self._ctx.rejoin.enabled and self._ctx.rejoin.on_expiry:
-            self._rejoin_due = self._now() + left - self._ctx.rejoin.margin_for(left)
+        self._grant_until = self._now() + plan.lifetime_s
+        if renews:
+            self._rejoin_due = self._grant_until - pol.margin_for(plan.lifetime_s)
         else:
             self._rejoin_due = None
         if grant.conference_id:
@@ -595,10 +623,22 @@ class Guest:
 
     # --- the event channel -----------------------------------------------------------------------------
 
-    def _start_poll(self, url: URL) -> asyncio.Task[Response]:
+    def _start_poll(self, url: URL, wait_s: float = 0.0) -> asyncio.Task[Response]:
+        """The next poll as a task; ``wait_s`` (an idle channel, :func:`poll_wait`) delays it, in the task, so
+        a leave or a timer still interrupts the wait."""
+        if wait_s > 0:
+            return asyncio.create_task(self._poll_later(url, wait_s), name=f"anonjoin-poll-{self.guest_id}")
+        return asyncio.create_task(self._poll(url), name=f"anonjoin-poll-{self.guest_id}")
+
+    async def _poll_later(self, url: URL, wait_s: float) -> Response:
+        log_event(log, logging.DEBUG, "anonjoin.poll.idle_wait", guest_id=self.guest_id, wait_s=wait_s)
+        await self._ctx.clock.sleep(wait_s)
+        return await self._poll(url)
+
+    def _poll(self, url: URL) -> Coroutine[Any, Any, Response]:
         poll_timeout = C.POLL_TIMEOUT_S + C.POLL_TIMEOUT_MARGIN_S
         deadline = self._now() + poll_timeout * 2 + self._ctx.retry.step_deadline_s
-        coro = self._guest_request(
+        return self._guest_request(
             "events",
             "GET",
             url,
@@ -607,7 +647,6 @@ class Guest:
             deadline_at=deadline,
             quiet=self._leave_now.done,  # after our own DELETE, the poll's 404 is its expected end
         )
-        return asyncio.create_task(coro, name=f"anonjoin-poll-{self.guest_id}")
 
     def _timer(self) -> tuple[float | None, str]:
         """The next instant a timer is due while polling, and what it means."""
@@ -627,6 +666,8 @@ class Guest:
         if self._events_url is None:
             raise ProtocolError("no events link", step="events")
         pending = self._start_poll(self._events_url)
+        sent_at = self._now()
+        idle_wait = 0.0  # the wait before the next poll while the channel answers idle at once (issue 11)
         try:
             while self._m.state in _POLLING:
                 due, what = self._timer()
@@ -658,6 +699,9 @@ class Guest:
                     correlation_id=resp.correlation_id,
                 )
                 nxt = find_href(body.links, "next")
+                idle = nxt is None or not any(sender.events for sender in body.sender)
+                took = self._now() - sent_at - idle_wait
+                idle_wait = poll_wait(idle_wait, took, idle)
                 if nxt is None:
                     for special in ("resync", "resume"):
                         nxt = find_href(body.links, special)
@@ -672,7 +716,9 @@ class Guest:
                         body=resp.body,
                     )
                 self._events_url = resolve(resp.url, nxt, step="events")
-                pending = self._start_poll(self._events_url)  # the next poll goes out before processing
+                # the next poll goes out before processing (after the idle wait, if the channel is idle)
+                pending = self._start_poll(self._events_url, idle_wait)
+                sent_at = self._now()
                 self._process(body, resp.url)
                 # not kept alive (nor traversed by the GC) while the next poll is parked: the answer, and the
                 # finished poll task in ``done`` that holds it
@@ -834,7 +880,15 @@ class Guest:
         task.add_done_callback(self._bg.discard)
 
     def _psat_valid(self, grant: GuestGrant) -> bool:
-        return grant.expiry_epoch - self._ctx.clock.time() > C.PSAT_SKEW_S
+        """Whether ``grant`` still has life in it, as bounded by :func:`plan_expiry` (skew-free)."""
+        if grant.received_at is None:
+            until = grant.expiry_epoch
+        else:
+            until = (
+                grant.received_at
+                + plan_expiry(grant.lifetime_s, self._ctx.rejoin.min_psat_lifetime_s).lifetime_s
+            )
+        return until - self._ctx.clock.time() > C.PSAT_SKEW_S
 
     async def _delete_app(self, url: URL, deadline_at: float, *, mint: bool = True) -> None:
         """DELETE one application until it is gone (a 404/410 says it already is), by ``deadline_at``.

@@ -5,6 +5,16 @@ Every request carries a fresh ``client-request-id``; one ``307`` is followed wit
 any 2xx is success; an error status becomes :class:`ServiceError` (status, code, subcode, correlation id,
 ``Retry-After`` in seconds, a clipped body); aiohttp/ssl/OS errors become :class:`RequestNotSentError`
 (nothing left the client) or :class:`MaybeSentError` (it may have been processed), with ``raise ... from``.
+
+The token rule (issue 11), enforced in :meth:`HttpClient.request`, the one place requests are sent, for
+every hop: a request carrying ``Authorization`` (the AAD bearer or the psat) goes only over https and only
+to a host of the service. The trusted hosts (names, any port) are: the discover URL's host
+(:meth:`HttpClient.trust`); a host named by an absolute https ``href`` in a 2xx answer received over https
+from a trusted host; a host a trusted host redirected to with a 307 over https (https to https) on a request
+without a token (the pool redirect of discover and the anonymous discover). A redirect of a request that
+carries a token must stay among the trusted hosts. Anything else is :class:`InsecureTarget`, raised before
+the request leaves (final: :func:`anonjoin._protocol.classify` never retries it). ``verify_tls=False`` does
+not lift the rule.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import asyncio
 import email.utils
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +37,7 @@ from anonjoin import _constants as C
 from anonjoin._events import Step, log_event
 from anonjoin._exceptions import (
     ConfigurationError,
+    InsecureTarget,
     MaybeSentError,
     ProtocolError,
     RequestNotSentError,
@@ -37,6 +49,9 @@ from anonjoin._retry import Attempt
 from anonjoin._tls import LeanTLSConnector
 
 log = logging.getLogger("anonjoin.http")
+
+_HREF_HOST = re.compile(rb'"href"\s*:\s*"https://([^"/?#\\\\]+)')
+"""The authority of an absolute https href in a JSON body (relative hrefs stay on the answering host)."""
 
 _CORRELATION = ("X-MS-Correlation-Id", "X-Ms-Correlation-Id", "ms-cv", "x-ms-request-id")
 
@@ -75,6 +90,19 @@ def make_ssl_context(ca_file: str | None, verify_tls: bool) -> ssl.SSLContext:
         raise ConfigurationError(f"cannot load CA file {ca_file!r}: {exc}") from exc
 
 
+def parse_http_date(value: str | None) -> float | None:
+    """An HTTP date (a ``Date`` header, a ``Retry-After`` date) as epoch seconds, or None."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:  # pragma: no cover - older Pythons
+        return None
+    return when.timestamp()
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """``Retry-After`` as seconds from now: delta-seconds or an HTTP date (never negative)."""
     if not value:
@@ -84,13 +112,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    when = parse_http_date(value)
+    if when is None:
         return None
-    if when is None:  # pragma: no cover - older Pythons
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 class HttpClient:
@@ -118,6 +143,29 @@ class HttpClient:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._closed = False
+        self._trusted: set[str] = set()
+
+    def trust(self, url: URL) -> None:
+        """Make ``url``'s host one a token may be sent to (over https only): the discover URL's host."""
+        if url.host:
+            self._trusted.add(url.host.lower())
+
+    def trusted(self, url: URL) -> bool:
+        """Whether a request carrying a token may go to ``url`` (https, and a host of the service)."""
+        return url.scheme == "https" and url.host is not None and url.host.lower() in self._trusted
+
+    def _learn(self, url: URL, body: bytes) -> None:
+        """A 2xx answer over https from a trusted host: the hosts its absolute https hrefs name are the
+        service's too."""
+        if b"https://" not in body or not self.trusted(url):
+            return
+        for m in _HREF_HOST.finditer(body):
+            try:
+                host = URL(f"https://{m.group(1).decode('ascii', 'replace')}").host
+            except (ValueError, TypeError):
+                continue  # unusable: whatever it names stays untrusted
+            if host:
+                self._trusted.add(host.lower())
 
     def session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -132,7 +180,9 @@ class HttpClient:
             )
         return self._session
 
-    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+    def _timeout(self, seconds: float, cut: bool = False) -> aiohttp.ClientTimeout:
+        if cut:  # a deadline within the attempt: everything, connecting included, ends by it
+            return aiohttp.ClientTimeout(total=seconds, sock_connect=min(seconds, self._connect_timeout))
         t = self._timeouts.get(seconds)
         if t is None:
             # One timer per request (``total``); a ``sock_read`` timer would be re-armed on every chunk read.
@@ -178,10 +228,13 @@ class HttpClient:
             await slots.acquire()
         try:
             session = self.session()
-            timeout = self._timeout(attempt.timeout_s)
+            timeout = self._timeout(attempt.timeout_s, attempt.cut)
             target = url
             debug = log.isEnabledFor(logging.DEBUG)
+            token = "Authorization" in hdrs or any(k.lower() == "authorization" for k in hdrs)
             for hop in range(2):
+                if token and not self.trusted(target):
+                    raise _insecure(step, target, hop)
                 if debug:
                     log_event(
                         log,
@@ -212,7 +265,10 @@ class HttpClient:
                                 raise ProtocolError(
                                     "307 without Location", step=step, status=status, correlation_id=corr
                                 )
-                            target = _redirect_target(target, location, step)
+                            new = _redirect_target(target, location, step)
+                            if not token and self.trusted(target) and new.scheme == "https":
+                                self.trust(new)  # the service's pool, named over https by a trusted host
+                            target = new
                             log_event(
                                 log,
                                 logging.DEBUG,
@@ -224,6 +280,7 @@ class HttpClient:
                             continue
                         data = await self._read(resp, step, corr)
                         if 200 <= status < 300:
+                            self._learn(target, data)
                             return Response(status, resp.url, resp.headers, data, crid, corr)
                         if quiet is not None and quiet():
                             return Response(status, resp.url, resp.headers, data, crid, corr)
@@ -312,6 +369,15 @@ def _redirect_target(current: URL, location: str, step: Step) -> URL:
             f"refusing a redirect off http(s) to {redact_url(location)[:60]!r}", step=step, status=307
         )
     return target
+
+
+def _insecure(step: Step, target: URL, hop: int) -> InsecureTarget:
+    what = "a redirect" if hop else "a request"
+    if target.scheme != "https":
+        why = f"refusing to send a token over {target.scheme or 'a non-https URL'}"
+    else:
+        why = f"refusing to send a token to {target.host!r}, not a host of the service"
+    return InsecureTarget(f"{why} ({what})", step=step, status=307 if hop else None)
 
 
 def _service_error(

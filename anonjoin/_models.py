@@ -64,6 +64,17 @@ def parse_date(value: object) -> datetime:
 WireDate = Annotated[datetime, BeforeValidator(parse_date)]
 
 
+def _lenient_date(value: object) -> datetime | None:
+    try:
+        return None if value is None else parse_date(value)
+    except ValueError:
+        return None
+
+
+LenientDate = Annotated[datetime | None, BeforeValidator(_lenient_date)]
+"""A date the client bounds itself when it is missing or unusable (a psat's ``expiryTime``, issue 11)."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # The private base and the wire models
 
@@ -90,7 +101,7 @@ class DiscoverBody(_Resource):
 
 class TokenBody(_Resource):
     token: str = Field(validation_alias=AliasChoices("token", "Token"))
-    expiry_time: WireDate = Field(validation_alias=AliasChoices("expiryTime", "ExpiryTime"))
+    expiry_time: LenientDate = Field(default=None, validation_alias=AliasChoices("expiryTime", "ExpiryTime"))
 
 
 class ApplicationBody(_Resource):
@@ -284,6 +295,10 @@ class GuestGrant:
     application_session_id: str
     meeting_url: str
     conference_id: str | None = None
+    lifetime_s: float | None = None
+    """``expiryTime`` minus the service's own now when it answered (None: missing or unparsable)."""
+    received_at: float | None = None
+    """The client's epoch time when the grant arrived."""
 
     @property
     def expiry_epoch(self) -> float:

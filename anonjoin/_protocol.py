@@ -30,11 +30,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from anonjoin import _constants as C
 from anonjoin._events import ChannelEvent, Step
 from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
     CapabilityNotAvailable,
+    InsecureTarget,
     JoinFailed,
     MaybeSentError,
     ProtocolError,
@@ -243,6 +245,8 @@ def transient(decision: Decision, error: BaseException) -> bool:
 def classify(step: Step, error: BaseException) -> Decision:
     """The one place that maps a failure of ``step`` to what the client does next (protocol.md §6)."""
     reason = error_reason(error)
+    if isinstance(error, InsecureTarget):  # a token would go over http / off the service: never retried
+        return Decision(Action.FINAL, reason)
     if isinstance(error, TransportError) and error.final:  # e.g. an untrusted TLS certificate
         return Decision(Action.FINAL, reason)
     if isinstance(error, RequestNotSentError):
@@ -294,6 +298,47 @@ def classify(step: Step, error: BaseException) -> Decision:
     if isinstance(error, ProtocolError | CapabilityNotAvailable | AnonJoinError):
         return Decision(Action.FINAL, reason)
     return Decision(Action.FINAL, reason)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hostile or broken answers bounded (issue 11): the psat's expiry, idle polls
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryPlan:
+    """How long a psat is taken to live, and whether the service's word on it was suspect."""
+
+    lifetime_s: float
+    suspect: bool
+
+
+def plan_expiry(stated_s: float | None, min_lifetime_s: float) -> ExpiryPlan:
+    """Bound a psat's lifetime before use. ``stated_s``: its ``expiryTime`` minus the service's own now
+    (its ``Date`` header, so clock skew does not shorten it), None when missing or unparsable.
+
+    A lifetime under ``min_lifetime_s`` (or none) is suspect: the psat is renewed no sooner than
+    :data:`~anonjoin._constants.REMINT_FLOOR_S` after minting (an unknown one: after ``min_lifetime_s``),
+    and the driver counts each such renewal against the recovery budget (:func:`bad_expiry`).
+    """
+    if stated_s is None or stated_s != stated_s:  # missing, unparsable, NaN
+        return ExpiryPlan(max(min_lifetime_s, C.REMINT_FLOOR_S), True)
+    return ExpiryPlan(max(stated_s, C.REMINT_FLOOR_S), stated_s < min_lifetime_s)
+
+
+def bad_expiry(suspect_grants: int, budget: int) -> bool:
+    """Whether ``suspect_grants`` suspect psats in a row (no sane one between) exhaust the recovery budget:
+    the first is used; each renewal after it is a recovery the psat's expiry forced."""
+    return suspect_grants - 1 > budget
+
+
+def poll_wait(previous_s: float, took_s: float, idle: bool) -> float:
+    """The wait before the next event poll: an idle answer (nothing in it, or only ``resync``) that came
+    faster than :data:`~anonjoin._constants.POLL_FLOOR_S` doubles it (capped); any other answer resets it."""
+    if not idle or took_s >= C.POLL_FLOOR_S:
+        return 0.0
+    if previous_s <= 0:
+        return C.POLL_IDLE_WAIT_INITIAL_S
+    return min(C.POLL_IDLE_WAIT_MAX_S, previous_s * 2)
 
 
 MEETING_GONE: Final = frozenset({"DestinationNotFound", "Ended"})

@@ -83,10 +83,13 @@ class RejoinPolicy:
     jitter: float = C.REJOIN_JITTER_S
     on_drop: bool = True
     on_expiry: bool = True
+    min_psat_lifetime_s: float = C.MIN_PSAT_LIFETIME_S
 
     def __post_init__(self) -> None:
         if self.attempts < 0:
             raise ConfigurationError("RejoinPolicy.attempts must not be negative")
+        if self.min_psat_lifetime_s < 0:
+            raise ConfigurationError("RejoinPolicy.min_psat_lifetime_s must not be negative")
         if self.expiry_margin_s < 0 or self.wait_initial < 0 or self.wait_max < 0 or self.jitter < 0:
             raise ConfigurationError("RejoinPolicy times must not be negative")
 
@@ -149,6 +152,9 @@ class Attempt:
     client_request_id: str | None = None
     status: int | None = None
     correlation_id: str | None = None
+    cut: bool = False
+    """The step's (or the guest's) deadline falls within this attempt: ``timeout_s`` is all it may take,
+    connecting included."""
 
 
 @dataclass(slots=True)
@@ -231,7 +237,10 @@ class _StepRun:
 
     def begin(self, number: int) -> tuple[Attempt, float]:
         t0 = self.clock.monotonic()
-        att = Attempt(number, max(0.05, min(self.per_request, self.deadline - t0)), self.refresh_next)
+        left = self.deadline - t0
+        att = Attempt(number, max(0.05, min(self.per_request, left)), self.refresh_next)
+        # the deadline's last attempt: cut at the deadline, connecting included (issue 11)
+        att.cut = left < self.per_request + self.runner.policy.connect_timeout_s
         self.refresh_next = False
         observer = self.observer
         self.report = observer.wants_steps()

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from yarl import URL
@@ -18,9 +19,10 @@ from anonjoin._exceptions import (
     AuthError,
     CapabilityNotAvailable,
     ConfigurationError,
+    RequestNotSentError,
     ServiceError,
 )
-from anonjoin._http import HttpClient, Response
+from anonjoin._http import HttpClient, Response, parse_http_date
 from anonjoin._models import (
     AdhocMeeting,
     ApplicationBody,
@@ -89,6 +91,7 @@ class ServiceApp:
         if not endpoint_id:
             raise ConfigurationError("endpoint_id is required (sip:...)")
         self._http = http
+        http.trust(url)  # the service's own host: where the AAD token may go (over https only)
         self._runner = runner
         self._cred = credential
         self._discover_url = url
@@ -176,6 +179,16 @@ class ServiceApp:
         inflight = self._inflight
         self._waiters += 1
         try:
+            if deadline_at is not None and not inflight.done():
+                # a fetch another guest started runs to its own deadline; this caller waits only to its own
+                left = deadline_at - self._clock.monotonic()
+                done, _ = await asyncio.wait({inflight}, timeout=max(0.0, left))
+                if not done:
+                    raise RequestNotSentError(
+                        "the shared discover did not complete within this guest's deadline",
+                        step="discover",
+                        url=self._discover_url,
+                    )
             return await asyncio.shield(inflight)
         except asyncio.CancelledError:
             # the last waiter gone: stop the shared fetch instead of leaving it (and a connection) behind
@@ -272,9 +285,17 @@ class ServiceApp:
             discover = require_link(t.links, r.url, "discover", step="anon_tokens", status=r.status)
             claims = psat_claims(t.token)
             confid = claims.get("confid")
+            now = self._clock.time()
+            lifetime = None
+            if t.expiry_time is not None:
+                # against the service's clock (its Date header) where it gives one: skew does not count
+                server_now = parse_http_date(r.headers.get("Date"))
+                lifetime = t.expiry_time.timestamp() - (now if server_now is None else server_now)
             return GuestGrant(
                 token=t.token,
-                expires_at=t.expiry_time,
+                expires_at=t.expiry_time or datetime.fromtimestamp(now, UTC),
+                lifetime_s=lifetime,
+                received_at=now,
                 discover_url=str(discover),
                 application_session_id=application_session_id,
                 meeting_url=meeting_url or "",

@@ -57,7 +57,7 @@ JOINED_AT_LEAST = 0.999
 # worst retry chains of the chaos profile; the full-size run keeps the default (300 s).
 CI_RETRY = RetryPolicy(shared_throttle=False, guest_deadline_s=30.0)
 FULL_RETRY = RetryPolicy(shared_throttle=False)
-REJOIN = RejoinPolicy()
+REJOIN = RejoinPolicy(min_psat_lifetime_s=1.0)  # the profile's psats live 20 s / scale, on purpose
 
 
 def scaled_chaos(scale: float) -> FaultProfile:

@@ -43,7 +43,7 @@ SECRET = "Tq9~client-secret-for-the-leak-test-4f1d7a"
 WRONG_SECRET = "Wx3~a-wrong-secret-that-must-not-leak-either-88c2"
 CLOCK_JUMP_S = 9 * 3600.0  # past every AAD token (1 h) and psat token (8 h) issued before the jump
 FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
-FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01)
+FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, min_psat_lifetime_s=0.5)
 FAULTS = FaultProfile(
     name="secrets",
     rules=(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -25,6 +27,7 @@ from aiohttp.test_utils import TestServer
 from anonjoin import RejoinPolicy, RetryPolicy
 from anonjoin._client import Client
 from anonjoin._retry import Clock
+from anonjoin.simulator._tls import ca_pem, server_ssl_context
 
 CLOSE = "CLOSE"
 ENDPOINT = "sip:app@contoso.com"
@@ -402,14 +405,23 @@ class RecordingClock(Clock):
 
 FAST_RETRY = RetryPolicy(attempts=4, wait_initial=0.01, wait_max=0.05, jitter=0.0, step_deadline_s=10,
                          guest_deadline_s=20, request_timeout_s=5)  # fmt: skip
-FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, jitter=0.0, expiry_margin_s=1.0)
+FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, jitter=0.0, expiry_margin_s=1.0,
+                           min_psat_lifetime_s=0.5)  # short-lived psats are these tests' subject  # fmt: skip
+
+
+_CA_DIR = tempfile.TemporaryDirectory(prefix="anonjoin-fake-ca-")
+CA_FILE = os.path.join(_CA_DIR.name, "ca.pem")
+with open(CA_FILE, "wb") as _f:
+    _f.write(ca_pem())
+"""The test CA (the simulator's) that signs the fake's certificate: tokens go over https only."""
 
 
 @asynccontextmanager
 async def fake_client(fake: FakeService, **kw: Any) -> AsyncIterator[tuple[Client, TestServer]]:
     server = TestServer(fake.application(), host="127.0.0.1")
-    await server.start_server()
+    await server.start_server(ssl=server_ssl_context())
     fake.base = str(server.make_url("")).rstrip("/")
+    kw.setdefault("ca_file", CA_FILE)
     kw.setdefault("retry", FAST_RETRY)
     kw.setdefault("rejoin", FAST_REJOIN)
     kw.setdefault("clock", RecordingClock())

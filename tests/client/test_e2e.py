@@ -33,7 +33,8 @@ from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 
 FAST_RETRY = RetryPolicy(attempts=4, wait_initial=0.02, wait_max=0.1, jitter=0.02, step_deadline_s=15,
                          guest_deadline_s=30, request_timeout_s=5)  # fmt: skip
-FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.02, wait_max=0.1, jitter=0.02, expiry_margin_s=1.0)
+FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.02, wait_max=0.1, jitter=0.02, expiry_margin_s=1.0,
+                           min_psat_lifetime_s=0.5)  # short-lived psats are these tests' subject  # fmt: skip
 SimFactory = Callable[..., Simulator]
 
 

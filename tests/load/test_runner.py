@@ -21,7 +21,7 @@ from anonjoin._store import MemorySessionStore, Outcome, SqliteSessionStore
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator, SimulatorConfig
 
 FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
-FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01)
+FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, min_psat_lifetime_s=0.5)
 
 # The chaos profile's per-request rules with its schedule compressed to a few seconds.
 CHAOS_RULES = (
