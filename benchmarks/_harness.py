@@ -51,6 +51,7 @@ SIM_INFO_KEYS = (
     "origin",
     "ca_file",
     "admin_url",
+    "admin_token",
     "scope",
 )
 
@@ -204,7 +205,10 @@ class SimulatorProcess:
     def snapshot(self) -> dict[str, Any]:
         """``GET {admin_url}/state`` (the admin view: request counts by route and status, ...)."""
         ctx = ssl.create_default_context(cafile=self.info["ca_file"])
-        with urllib.request.urlopen(self.info["admin_url"] + "/state", context=ctx, timeout=30) as resp:
+        request = urllib.request.Request(
+            self.info["admin_url"] + "/state", headers={"X-Admin-Token": self.info["admin_token"]}
+        )
+        with urllib.request.urlopen(request, context=ctx, timeout=30) as resp:
             data: dict[str, Any] = json.loads(resp.read())
         return data
 

@@ -4,10 +4,14 @@ Routes: ``GET /_admin/state`` (the snapshot), ``POST /_admin/meetings`` (``{"lob
 "subject"}`` -> meeting info), ``POST /_admin/meetings/{conference_id}/end``,
 ``POST /_admin/guests/{asi}/drop|eject|admit``, ``GET|PUT /_admin/faults`` (a ``FaultProfile`` as JSON, or
 ``{"name": "<profile>"}`` for a named one). Unknown ids answer 404; bad bodies 400.
+
+Every route needs the simulator's admin token (``SimulatorInfo.admin_token``) in ``X-Admin-Token``:
+without it 401, a wrong one 403 (compared in constant time). The token is never logged or echoed.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from typing import Any
@@ -20,7 +24,9 @@ from anonjoin._exceptions import ConfigurationError
 from anonjoin.simulator._core import Core
 from anonjoin.simulator._faults import PROFILES, FaultProfile
 
-__all__ = ["handle"]
+__all__ = ["ADMIN_TOKEN_HEADER", "handle"]
+
+ADMIN_TOKEN_HEADER = "X-Admin-Token"
 
 _MEETING_END = re.compile(r"/_admin/meetings/(?P<cid>[^/]+)/end")
 _GUEST = re.compile(r"/_admin/guests/(?P<asi>[^/]+)/(?P<action>drop|eject|admit)")
@@ -40,7 +46,20 @@ async def _body(request: web.BaseRequest) -> dict[str, Any]:
     return data
 
 
+def _denied(core: Core, request: web.BaseRequest) -> web.Response | None:
+    """401 without the admin token, 403 with a wrong one, None with the right one."""
+    given = request.headers.get(ADMIN_TOKEN_HEADER)
+    if given is None:
+        return _error(401, f"the admin view needs the {ADMIN_TOKEN_HEADER} header")
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), core.admin_token.encode()):
+        return _error(403, "wrong admin token")
+    return None
+
+
 async def handle(core: Core, request: web.BaseRequest) -> web.StreamResponse:
+    denied = _denied(core, request)
+    if denied is not None:
+        return denied
     path, method = request.path.rstrip("/"), request.method
     try:
         if path in ("/_admin", "/_admin/state") and method == "GET":

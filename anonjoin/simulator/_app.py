@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from anonjoin.simulator import _aad, _admin, _tap, _ucwa
-from anonjoin.simulator._core import MAIN_FQDN, POOL_FQDN, Call, Core
+from anonjoin.simulator._core import MAIN_FQDN, MAX_ASI_CHARS, POOL_FQDN, Call, Core
 from anonjoin.simulator._wire import BadRequest, Reply, error_response
 
 __all__ = ["ROUTES", "Front", "Route", "dispatch", "make_server"]
@@ -173,6 +174,8 @@ async def dispatch(core: Core, listener: str, request: web.BaseRequest) -> web.S
             too_large = True
     else:
         call.asi = _resolve_asi(core, name, request, params)
+    if call.asi is not None and len(call.asi) > MAX_ASI_CHARS:
+        call.asi = None  # never a key of the bookkeeping
     fault = (
         None
         if too_large
@@ -191,6 +194,8 @@ async def dispatch(core: Core, listener: str, request: web.BaseRequest) -> web.S
         response = await _run(core, call, handler)
     gid = params.get("gid")
     core.record(name, response.status, call.asi, response, gid.lower() if gid is not None else None)
+    if fault is None and call.asi is not None and call.asi not in core.guests:
+        core.injector.forget(name, call.asi)  # a failed request of an unknown guest leaves nothing behind
     return response
 
 
@@ -277,12 +282,45 @@ class Front:
         return response
 
 
+class _QuietClientErrors(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger, minus the tracebacks of requests it could not parse.
+
+    aiohttp answers a request line or header it cannot parse (too long, bad method, bad framing) with a 4xx
+    itself and logs "Error handling request" with a traceback at ERROR. That is the client's fault, not the
+    simulator's: it is one DEBUG line here, without the traceback or the exception's text (which may quote
+    the request). Anything else aiohttp logs passes through unchanged.
+    """
+
+    def _client_error(self, kwargs: dict[str, Any]) -> str | None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            del kwargs["exc_info"]
+            return type(exc).__name__
+        return None
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        name = self._client_error(kwargs)
+        if name is None:
+            self.logger.exception(msg, *args, **kwargs)
+        else:
+            self.logger.debug(f"{msg} (%s)", *args, name, **kwargs)
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        name = self._client_error(kwargs)
+        self.logger.debug(msg if name is None else f"{msg} (%s)", *args, *((name,) if name else ()), **kwargs)
+
+
+_SERVER_LOG = _QuietClientErrors(logging.getLogger("aiohttp.server"), {})
+
+
 def make_server(core: Core, listener: str, **kwargs: Any) -> web.Server:
-    """The low-level aiohttp server of one listener (``kwargs`` go to ``web.Server``)."""
+    """The low-level aiohttp server of one listener (``kwargs`` go to ``web.Server``; parse errors of
+    hostile requests are answered by aiohttp and logged at DEBUG only, see ``_QuietClientErrors``)."""
     loop = asyncio.get_running_loop()
     max_body = core.config.max_body_bytes
 
     def request_factory(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
         return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=max_body)
 
+    kwargs.setdefault("logger", _SERVER_LOG)
     return web.Server(Front(core, listener), request_factory=request_factory, **kwargs)

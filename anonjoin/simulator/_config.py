@@ -126,3 +126,5 @@ class SimulatorInfo(BaseModel):
     client_key_file: str
     """PEM of an RSA private key whose certificate the application also accepts (certificate credential)."""
     client_cert_thumbprint: str
+    admin_token: str = Field(repr=False)
+    """The credential of the admin view: send it as ``X-Admin-Token`` (401 without it, 403 if wrong)."""

@@ -12,6 +12,7 @@ import collections
 import email.utils
 import itertools
 import random
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,12 @@ from anonjoin.simulator._wire import Wire
 __all__ = ["Call", "Core", "IssuedTokens"]
 
 TIMELINE_CAP = 256
+GUEST_TIMELINES_CAP = 20_000
+"""At most this many per-guest timelines (the oldest goes first): the keys are client-chosen."""
+MAX_ASI_CHARS = 256
+"""A longer ``applicationSessionId`` is never a key of the simulator's bookkeeping (it is not tracked)."""
+_NO_NEW_TIMELINE = frozenset((401, 403, 404))
+"""Statuses that never create a timeline: the request proved nothing (no valid token, nothing found)."""
 
 TimelineEntry = tuple[str, float, int, float | None, str | None]  # route, t, status, retry_after, app
 MAIN_FQDN = "main.sim.anonjoin.invalid"
@@ -69,6 +76,8 @@ class Core:
         self.pool_base = ""
         self.requests: dict[str, dict[str, int]] = {}
         self.guests: dict[str, collections.deque[TimelineEntry]] = {}
+        self.admin_token = secrets.token_urlsafe(32)
+        """The credential of the admin view (``X-Admin-Token``); never logged."""
         self.issued: IssuedTokens | None = IssuedTokens() if config.record_issued_tokens else None
         self._alternate = itertools.count()
         self._wires: dict[tuple[str, str, str, str], Wire] = {}
@@ -141,7 +150,7 @@ class Core:
         except InvalidTokenError:
             claims = unverified_claims(token) or {}
         asi = claims.get("asi")
-        return asi if isinstance(asi, str) else None
+        return asi if isinstance(asi, str) and len(asi) <= MAX_ASI_CHARS else None
 
     # -- statistics ----------------------------------------------------------------------------------
     def record(
@@ -153,17 +162,41 @@ class Core:
         app: str | None = None,
     ) -> None:
         """Count a request; for a known guest, append it to its timeline (``app``: the psanon application
-        the request addressed, for the routes under one application)."""
+        the request addressed, for the routes under one application).
+
+        A request that failed with 401/403/404 never creates a timeline for an ``asi`` not seen before (its
+        ``asi`` is whatever the client claimed), and there are at most ``GUEST_TIMELINES_CAP`` timelines."""
         by_status = self.requests.setdefault(route, {})
         key = str(status)
         by_status[key] = by_status.get(key, 0) + 1
-        if asi is None:
+        if asi is None or len(asi) > MAX_ASI_CHARS:
             return
-        timeline = self.guests.get(asi)
+        guests = self.guests
+        timeline = guests.get(asi)
         if timeline is None:
-            timeline = self.guests[asi] = collections.deque(maxlen=TIMELINE_CAP)
+            if status in _NO_NEW_TIMELINE:
+                return
+            if len(guests) >= GUEST_TIMELINES_CAP:
+                del guests[next(iter(guests))]
+            timeline = guests[asi] = collections.deque(maxlen=TIMELINE_CAP)
         now = self.clock()
         timeline.append((route, now, status, _retry_after(response, now), app))
+
+    def bookkeeping_sizes(self) -> dict[str, int]:
+        """Entries of every structure a request can add to (tests and measurements of what is retained)."""
+        state, injector = self.state, self.injector
+        return {
+            "guests": len(self.guests),
+            "timeline_entries": sum(len(t) for t in self.guests.values()),
+            "routes": sum(len(by) for by in self.requests.values()),
+            "fault_counters": injector.tracked_keys,
+            "aad_cache": self.aad.cached,
+            "psat_cache": self.psat.cached,
+            "apps": len(state.apps),
+            "gone": len(state.gone),
+            "created_by_asi": len(state.created_by_asi),
+            "meetings": len(state.meetings),
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """The admin view (``GET /_admin/state``)."""

@@ -91,6 +91,9 @@ ROUTE_GROUPS: Mapping[str, frozenset[str]] = MappingProxyType(
 
 _RATE_SLACK = 1e-9
 DEFAULT_FQDN = "sim.anonjoin.invalid"
+COUNTER_KEYS_CAP = 100_000
+"""At most this many ``(route, asi)`` request counters and per-guest join counters (the oldest goes first):
+the ``asi`` is client-chosen. A run with fewer distinct guests than this is unaffected."""
 
 # status, code, subcode, message of each error kind (protocol.md §6)
 _ERRORS: Mapping[str, tuple[int, str, str, str]] = MappingProxyType(
@@ -390,8 +393,11 @@ class FaultInjector:
         as one request and, when it returns a decision, as one injected fault.
         """
         key = (route, asi)
-        n = self._counters.get(key, 0)
-        self._counters[key] = n + 1
+        counters = self._counters
+        n = counters.get(key, 0)
+        if n == 0 and len(counters) >= COUNTER_KEYS_CAP:  # client-chosen keys: drop the oldest
+            del counters[next(iter(counters))]
+        counters[key] = n + 1
 
         burst = self._bursts.get(route)
         if burst is not None:
@@ -419,6 +425,18 @@ class FaultInjector:
             if draw < cumulative:
                 return self._count(self._make(route, asi, n, index, rule))
         return None
+
+    @property
+    def tracked_keys(self) -> int:
+        """How many request and join counters the injector holds (each bounded by ``COUNTER_KEYS_CAP``)."""
+        return len(self._counters) + len(self._joins)
+
+    def forget(self, route: str, asi: str) -> None:
+        """Undo the count of the one request of ``asi`` on ``route`` seen so far (it failed on its own, so it
+        leaves no state behind); counters of guests seen more than once stay."""
+        key = (route, asi)
+        if self._counters.get(key) == 1:
+            del self._counters[key]
 
     def _make(self, route: str, asi: str | None, n: int, index: int, rule: FaultRule) -> FaultDecision:
         if rule.kind == "invalid_token" and rule.burst > 1:
@@ -449,8 +467,11 @@ class FaultInjector:
         profile = self._profile
         if profile.drop_rate <= 0.0 and profile.eject_rate <= 0.0:
             return None
-        k = self._joins.get(asi, 0)
-        self._joins[asi] = k + 1
+        joins = self._joins
+        k = joins.get(asi, 0)
+        if k == 0 and len(joins) >= COUNTER_KEYS_CAP:
+            del joins[next(iter(joins))]
+        joins[asi] = k + 1
         draw = _uniform(self._seed, "guest_schedule", asi, k)
         if draw < profile.drop_rate:
             action: Literal["drop", "eject"] = "drop"

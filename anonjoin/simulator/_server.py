@@ -94,6 +94,7 @@ class Simulator:
             token_endpoint=f"{main}/{config.tenant}/oauth2/v2.0/token",
             client_key_file=str(key_file),
             client_cert_thumbprint=client_identity().thumbprint,
+            admin_token=core.admin_token,
         )
         return self._info
 

@@ -6,7 +6,7 @@ Rules:
 - Verification checks the signature with RS256 only (``none``, HS256 and every other algorithm are
   refused), then ``exp``/``nbf`` against the simulator's injectable clock with a small leeway.
 - Verification results are cached by token string (``TokenVerifier``), so a guest that polls 1,000 times
-  costs one RSA verification; the cache is a plain dict that is cleared when it grows past its cap.
+  costs one RSA verification (a refused token is not cached: its text is the client's); the cache is a plain dict that is cleared when it grows past its cap.
   ``exp``/``nbf`` are checked against the clock on every use, cached or not.
 - A token the simulator mints through ``TokenVerifier.issue`` goes into that cache as it is signed: its
   claims are known, so the guest's first request costs no RSA verification either. Only that exact string
@@ -107,6 +107,11 @@ class TokenVerifier:
         self._remember(token, _checked(json.loads(json.dumps(dict(claims)))))
         return token
 
+    @property
+    def cached(self) -> int:
+        """Tokens in the verification cache (at most ``CACHE_CAP``)."""
+        return len(self._cache)
+
     def _remember(self, token: str, claims: dict[str, Any] | None) -> None:
         if len(self._cache) >= CACHE_CAP:
             self._cache.clear()
@@ -118,7 +123,8 @@ class TokenVerifier:
             claims = self._cache[token]
         else:
             claims = self._decode(token)
-            self._remember(token, claims)
+            if claims is not None:  # a refused token (client-chosen text) is not kept
+                self._remember(token, claims)
         if claims is None:
             raise InvalidTokenError("signature or format")
         now = self._clock()

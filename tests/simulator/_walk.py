@@ -65,6 +65,8 @@ class Walk:
 
     async def call(self, method: str, url: str, *, allow_redirects: bool = True, **kw: Any) -> Reply:
         headers = {**self.headers, **kw.pop("headers", {})}
+        if url.startswith(self.info.admin_url):  # the admin view needs its credential
+            headers.setdefault("X-Admin-Token", self.info.admin_token)
         async with self.session.request(
             method, url, headers=headers, allow_redirects=allow_redirects, **kw
         ) as r:

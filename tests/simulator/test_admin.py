@@ -108,3 +108,32 @@ async def test_http_date_retry_after_is_recorded_in_seconds(sim_factory: Any, op
         assert r.status == 503 and r.headers["Retry-After"].endswith("GMT")
         entry = sim.snapshot()["guests"]["asi-date"][-1]
         assert 28 <= entry["retry_after"] <= 31
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/state"), ("GET", ""), ("PUT", "/faults"), ("POST", "/meetings"), ("POST", "/guests/a/drop")],
+)
+async def test_admin_view_needs_its_token(sim: Simulator, walk: Walk, method: str, path: str) -> None:
+    url = sim.info.admin_url + path
+    before = sim.snapshot()
+    # Walk.call adds the token to admin URLs: these go through its raw session, without it or with a wrong one
+    async with walk.session.request(method, url, json={"name": "chaos"}) as r:
+        assert r.status == 401, await r.text()
+        assert "X-Admin-Token" in (await r.json())["error"]
+    wrong = sim.info.admin_token[:-1] + ("A" if sim.info.admin_token[-1] != "A" else "B")
+    headers = {"X-Admin-Token": wrong}
+    async with walk.session.request(method, url, json={"name": "chaos"}, headers=headers) as r:
+        assert r.status == 403
+        text = await r.text()
+        assert wrong not in text and sim.info.admin_token not in text
+    after = sim.snapshot()
+    assert after["faults"] == before["faults"] and after["meetings"].keys() == before["meetings"].keys()
+    assert (await walk.call("GET", sim.info.admin_url + "/state")).status == 200  # with the token: served
+
+
+async def test_admin_token_is_fresh_per_simulator_and_out_of_reprs(sim: Simulator) -> None:
+    async with Simulator() as other:
+        assert other.info.admin_token != sim.info.admin_token
+        assert len(other.info.admin_token) >= 32
+        assert other.info.admin_token not in repr(other.info)

@@ -15,7 +15,7 @@ import pytest
 from anonjoin._cli import main
 
 KEYS = {"discover_url", "authority", "tenant", "client_id", "client_secret", "endpoint_id", "meeting_url",
-        "origin", "ca_file", "admin_url", "pool_url", "scope"}  # fmt: skip
+        "origin", "ca_file", "admin_url", "pool_url", "scope", "admin_token"}  # fmt: skip
 
 
 async def _start(*args: str) -> asyncio.subprocess.Process:
@@ -37,7 +37,7 @@ async def test_simulate_prints_one_json_line_serves_and_exits_on_sigterm(tmp_pat
         connector = aiohttp.TCPConnector(ssl=ctx)
         async with (
             aiohttp.ClientSession(connector=connector) as session,
-            session.get(info["admin_url"] + "/state") as r,
+            session.get(info["admin_url"] + "/state", headers={"X-Admin-Token": info["admin_token"]}) as r,
         ):
             state = await r.json()
         meeting = next(iter(state["meetings"].values()))

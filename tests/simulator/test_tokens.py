@@ -47,7 +47,9 @@ def test_verification_is_cached_by_token_string(monkeypatch: pytest.MonkeyPatch)
         verifier.verify("garbage")
     with pytest.raises(InvalidTokenError):
         verifier.verify("garbage")
-    assert len(calls) == 2  # a bad token is remembered as bad
+    # a refused token is not remembered: its text is the client's, and keeping it would let hostile
+    # requests grow the cache (issue 11)
+    assert len(calls) == 3 and verifier.cached == 1
 
 
 def test_not_yet_valid_tokens_are_refused() -> None:
