@@ -24,8 +24,9 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -267,6 +268,16 @@ def is_loopback_url(url: str | None) -> bool:
         return False
 
 
+def _judge_hosts(guests: int, urls: Iterable[str | None]) -> None:
+    """Refuse (ConfigurationError) when one of ``urls`` is not on loopback: the guard of ``anonjoin load``."""
+    for url in urls:
+        if url is not None and not is_loopback_url(url):
+            raise ConfigurationError(
+                f"refusing to send {guests} guests to {redact_url(url)}, which is not on loopback: "
+                f"more than {GUARD_GUESTS} guests need --i-own-this-service"
+            )
+
+
 @dataclass
 class _Target:
     settings: TargetSettings
@@ -349,13 +360,9 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
-    if is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service:
-        for url in (settings.discover_url, settings.meeting_url):
-            if url is not None and not is_loopback_url(url):
-                raise ConfigurationError(
-                    f"refusing to send {ns.guests} guests to {redact_url(url)}, which is not on loopback: "
-                    f"more than {GUARD_GUESTS} guests need --i-own-this-service"
-                )
+    guarded = is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service
+    if guarded:  # the hosts requests go to, not the meeting URL's (no request goes there)
+        _judge_hosts(ns.guests, (settings.discover_url, settings.authority))
     store = open_store(ns.store)
     loop = asyncio.get_running_loop()
     state: dict[str, Any] = {"runner": None, "signals": 0}
@@ -444,6 +451,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
                         meetings=meetings,
                         retry=RetryPolicy(shared_throttle=shared_throttle),
                         on_runner=on_runner,
+                        check_links=partial(_judge_hosts, ns.guests) if guarded else None,
                     )
             finally:
                 await credential.aclose()
