@@ -40,6 +40,7 @@ from anonjoin._cli_common import (
     positive_int,
     settings_from_args,
     simulator_settings,
+    stderr_log_handler,
 )
 from anonjoin._exceptions import (
     AnonJoinError,
@@ -180,7 +181,7 @@ def run(ns: argparse.Namespace) -> int:
     level = log.level
     # Without -v nothing is logged: the outcome is the one line below (and Python's last-resort handler
     # would otherwise print warnings such as anonjoin.auth.failed a second time).
-    handler = _log_to_stderr() if ns.verbose else logging.NullHandler()
+    handler = _log_to_stderr(ns.log_format) if ns.verbose else logging.NullHandler()
     if not ns.verbose:
         log.addHandler(handler)
     try:
@@ -235,10 +236,9 @@ def _error_line(text: str) -> None:
     print(f"anonjoin join: {' '.join(text.split())}", file=sys.stderr, flush=True)
 
 
-def _log_to_stderr() -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr)
+def _log_to_stderr(log_format: str) -> logging.Handler:
+    handler = stderr_log_handler(log_format)
     handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     log = logging.getLogger("anonjoin")
     log.addHandler(handler)
     if log.getEffectiveLevel() > logging.DEBUG:

@@ -45,6 +45,7 @@ from anonjoin._cli_common import (
     positive_int,
     settings_from_args,
     simulator_settings,
+    stderr_log_handler,
 )
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
 from anonjoin._settings import TargetSettings
@@ -204,16 +205,11 @@ def _error_line(command: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _logging(verbose: bool) -> Iterator[None]:
+def _logging(verbose: bool, log_format: str = "text") -> Iterator[None]:
     """-v: every anonjoin log record to stderr (secrets are redacted at the source). Otherwise none: no
     log line over the progress display (the report holds what they would say). Undone on exit."""
     root = logging.getLogger("anonjoin")
-    handler: logging.Handler
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    else:
-        handler = logging.NullHandler()
+    handler = stderr_log_handler(log_format) if verbose else logging.NullHandler()
     level = root.level
     root.addHandler(handler)
     if verbose:
@@ -309,7 +305,7 @@ async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIter
 
 
 def run_load_command(ns: argparse.Namespace) -> int:
-    with _logging(bool(ns.verbose)):
+    with _logging(bool(ns.verbose), ns.log_format):
         return _guarded("load", lambda: _load_sync(ns))
 
 
