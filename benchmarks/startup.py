@@ -122,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print(f"CPU seconds (user + system), median of {ns.repeats}")
     for label, value, runs, target in rows:
-        verdict = "" if target is None else f"  target <= {target:g} s: {'ok' if value <= target else 'MISSED'}"
+        verdict = (
+            "" if target is None else f"  target <= {target:g} s: {'ok' if value <= target else 'MISSED'}"
+        )
         each = " ".join(f"{r:.3f}" for r in runs)
         print(f"  {label:<30} {value:7.3f} s   (runs: {each}){verdict}")
     ratio = helped / baseline if baseline > 0 else float("inf")
