@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from anonjoin._exceptions import redact
-from anonjoin._settings import TargetSettings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the settings (pydantic-settings, msal) load when a command runs, not for --help
+    from anonjoin._settings import TargetSettings
     from anonjoin.simulator import SimulatorInfo
 
 EXIT_OK = 0
@@ -168,6 +168,8 @@ def settings_from_args(ns: argparse.Namespace, **overrides: Any) -> TargetSettin
         "insecure": ns.insecure,
     }
     given.update(overrides)
+    from anonjoin._settings import TargetSettings
+
     return TargetSettings.load(config_file=ns.config, **given)
 
 
@@ -178,6 +180,8 @@ def is_target(settings: TargetSettings) -> bool:
 
 def simulator_settings(info: SimulatorInfo, *, display_name: str | None) -> TargetSettings:
     """The TargetSettings that point at a running simulator (the environment is not read)."""
+    from anonjoin._settings import TargetSettings
+
     return TargetSettings.load(
         use_env=False,
         discover_url=info.discover_url,

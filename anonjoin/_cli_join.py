@@ -23,9 +23,8 @@ import time
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from anonjoin._auth import ClientSecretCredential
 from anonjoin._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -50,7 +49,10 @@ from anonjoin._exceptions import (
     redact,
     redact_url,
 )
-from anonjoin._settings import InsecureTLSWarning, TargetSettings
+
+if TYPE_CHECKING:  # loaded when the command runs, not for --help
+    from anonjoin._auth import ClientSecretCredential
+    from anonjoin._settings import TargetSettings
 
 __all__ = ["register", "run"]
 
@@ -214,6 +216,8 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _one_line_warnings() -> None:
+    from anonjoin._settings import InsecureTLSWarning
+
     """Inside ``catch_warnings``: the insecure-TLS warning once, as one line; urllib3's per-request
     ``InsecureRequestWarning`` (msal's requests to Azure AD) silenced, since that one line says it all."""
     warnings.simplefilter("default", InsecureTLSWarning)

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from anonjoin._cli_common import (
@@ -48,8 +48,10 @@ from anonjoin._cli_common import (
     stderr_log_handler,
 )
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
-from anonjoin._settings import TargetSettings
-from anonjoin._store import MemorySessionStore, SessionStore, SqliteSessionStore, default_store_path
+
+if TYPE_CHECKING:  # loaded when a command runs, not for --help
+    from anonjoin._settings import TargetSettings
+    from anonjoin._store import SessionStore
 
 __all__ = ["register", "run_load_command", "run_rejoin_command", "run_sessions_command"]
 
@@ -243,6 +245,8 @@ def _guarded(command: str, body: Callable[[], int]) -> int:
 def open_store(path: str | None, *, create: bool = True) -> SessionStore:
     """The store at ``path`` (default: :func:`default_store_path`). ``create=False``: a missing file reads
     as an empty store and is not created (``sessions`` and ``rejoin`` only read before they write)."""
+    from anonjoin._store import MemorySessionStore, SqliteSessionStore, default_store_path
+
     if path == MEMORY_STORE:
         return MemorySessionStore()
     file = Path(path).expanduser() if path else default_store_path()
@@ -353,6 +357,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
     from anonjoin._report import build_report
     from anonjoin._retry import RetryPolicy
     from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
+    from anonjoin._store import default_store_path
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
