@@ -1,13 +1,14 @@
 """anonjoin: join anonymous guests into online meetings end to end.
 
-The public names are re-exported here; everything else lives in private modules.
+The public names are re-exported here; everything else lives in private modules. They are imported
+on first use (PEP 562), so that ``import anonjoin`` (and the CLI's ``--help``) does not pay for aiohttp,
+msal and the load runner until they are needed.
 """
 
+import importlib as _importlib
 import logging as _logging
+from typing import TYPE_CHECKING, Any
 
-from anonjoin._auth import AccessToken, CertificateCredential, ClientSecretCredential, Credential
-from anonjoin._client import Client
-from anonjoin._events import ChannelEvent, Event, GuestEvent, Hooks, Step, StepEvent
 from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
@@ -24,25 +25,32 @@ from anonjoin._exceptions import (
     StoreError,
     TransportError,
 )
-from anonjoin._guest import Guest
-from anonjoin._metrics import Metrics
-from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
-from anonjoin._protocol import GuestState
-from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
-from anonjoin._runner import (
-    ArrivalSchedule,
-    ConstantRate,
-    LinearRamp,
-    LoadPlan,
-    LoadResult,
-    LoadRunner,
-    RateFunction,
-    Steps,
-    run_load,
-)
-from anonjoin._settings import TargetSettings
-from anonjoin._store import Lease, MemorySessionStore, SessionRecord, SessionStore, SqliteSessionStore
 from anonjoin._version import __version__
+
+if TYPE_CHECKING:
+    from anonjoin._auth import AccessToken, CertificateCredential, ClientSecretCredential, Credential
+    from anonjoin._client import Client
+    from anonjoin._events import ChannelEvent, Event, GuestEvent, Hooks, Step, StepEvent
+    from anonjoin._guest import Guest
+    from anonjoin._metrics import Metrics
+    from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
+    from anonjoin._protocol import GuestState
+    from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
+    from anonjoin._runner import (
+        ArrivalSchedule,
+        ConstantRate,
+        LinearRamp,
+        LoadPlan,
+        LoadResult,
+        LoadRunner,
+        RateFunction,
+        Steps,
+        run_load,
+    )
+    from anonjoin._settings import TargetSettings
+    from anonjoin._store import Lease, MemorySessionStore, SessionRecord, SessionStore, SqliteSessionStore
+    from anonjoin._store_redis import RedisSessionStore
+
 
 # A library stays silent unless the application configures logging.
 _logging.getLogger("anonjoin").addHandler(_logging.NullHandler())
@@ -102,11 +110,56 @@ __all__ = [
     "run_load",
 ]
 
+# name -> the private module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    "AccessToken": "anonjoin._auth",
+    "AdhocMeeting": "anonjoin._models",
+    "ArrivalSchedule": "anonjoin._runner",
+    "CertificateCredential": "anonjoin._auth",
+    "ChannelEvent": "anonjoin._events",
+    "Client": "anonjoin._client",
+    "ClientSecretCredential": "anonjoin._auth",
+    "Clock": "anonjoin._retry",
+    "ConstantRate": "anonjoin._runner",
+    "Credential": "anonjoin._auth",
+    "Event": "anonjoin._events",
+    "Guest": "anonjoin._guest",
+    "GuestEvent": "anonjoin._events",
+    "GuestGrant": "anonjoin._models",
+    "GuestOutcome": "anonjoin._models",
+    "GuestState": "anonjoin._protocol",
+    "Hooks": "anonjoin._events",
+    "JoinResult": "anonjoin._models",
+    "Lease": "anonjoin._store",
+    "LinearRamp": "anonjoin._runner",
+    "LoadPlan": "anonjoin._runner",
+    "LoadResult": "anonjoin._runner",
+    "LoadRunner": "anonjoin._runner",
+    "MemorySessionStore": "anonjoin._store",
+    "Metrics": "anonjoin._metrics",
+    "RateFunction": "anonjoin._runner",
+    "RedisSessionStore": "anonjoin._store_redis",
+    "RejoinPolicy": "anonjoin._retry",
+    "RetryPolicy": "anonjoin._retry",
+    "SessionRecord": "anonjoin._store",
+    "SessionStore": "anonjoin._store",
+    "SqliteSessionStore": "anonjoin._store",
+    "Step": "anonjoin._events",
+    "StepEvent": "anonjoin._events",
+    "Steps": "anonjoin._runner",
+    "TargetSettings": "anonjoin._settings",
+    "run_load": "anonjoin._runner",
+}
 
-def __getattr__(name: str) -> object:
-    # RedisSessionStore needs redis-py (the ``redis`` extra): imported on first use, not on import.
-    if name == "RedisSessionStore":
-        from anonjoin._store_redis import RedisSessionStore
 
-        return RedisSessionStore
-    raise AttributeError(f"module 'anonjoin' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anonjoin' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

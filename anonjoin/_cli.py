@@ -14,7 +14,13 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-from anonjoin._cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from anonjoin._cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    add_log_format_argument,
+    stderr_log_handler,
+)
 from anonjoin._exceptions import AnonJoinError, ConfigurationError
 from anonjoin._version import __version__
 
@@ -29,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for register in _registrations():
         register(sub)
+    for command in sub.choices.values():
+        add_log_format_argument(command)
     return parser
 
 
@@ -51,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = ns.run
     try:
-        with _quiet_libraries(bool(getattr(ns, "verbose", False))):
+        with _quiet_libraries(bool(getattr(ns, "verbose", False))), _warnings_as(ns):
             return run(ns)
     except ConfigurationError as exc:
         print(f"anonjoin {ns.command}: error: {exc}", file=sys.stderr)
@@ -89,6 +97,23 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
         for lib, propagate in saved:
             lib.removeHandler(handler)
             lib.propagate = propagate
+
+
+@contextlib.contextmanager
+def _warnings_as(ns: argparse.Namespace) -> Iterator[None]:
+    """``--log-format json`` for a command without ``-v``: its warnings are JSON lines too (not Python's
+    last-resort text). Commands with ``-v`` set up their own handler in the format asked for."""
+    if ns.log_format != "json" or hasattr(ns, "verbose"):
+        yield
+        return
+    handler = stderr_log_handler("json")
+    handler.setLevel(logging.WARNING)
+    log = logging.getLogger("anonjoin")
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
+import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from anonjoin._settings import TargetSettings
+from anonjoin._exceptions import redact
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the settings (pydantic-settings, msal) load when a command runs, not for --help
+    from anonjoin._settings import TargetSettings
     from anonjoin.simulator import SimulatorInfo
 
 EXIT_OK = 0
@@ -21,6 +26,65 @@ EXIT_TERMINATED = 143
 # The secret alone does not name one.
 NOT_A_TARGET = frozenset({"client_secret"})
 REQUIRED_FOR_TARGET = ("discover_url", "authority", "client_id", "client_secret", "endpoint_id")
+
+
+LOG_FORMATS = ("text", "json")
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# What every LogRecord carries; the rest of its attributes are the ``extra`` fields of log_event.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines on stderr as text (default) or one JSON object a line",
+    )
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a record: time (ISO-8601 UTC), level, logger, event, message and the extra fields.
+
+    The fields are redacted at the source (log_event); strings are passed through ``redact`` once more, and
+    an exception is its type and redacted message only (no traceback: frames can hold secrets).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC)
+        out: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": getattr(record, "event", None),
+            "message": redact(record.getMessage()),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and key not in out and value is not None:
+                out[key] = _json_value(value)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            out["error"] = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if value is True or value is False or isinstance(value, int | float):
+        return value
+    return redact(str(value))
+
+
+def stderr_log_handler(log_format: str) -> logging.Handler:
+    """A stderr handler writing ``log_format`` (``text`` or ``json``) lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
+    return handler
 
 
 def non_negative_float(text: str) -> float:
@@ -104,6 +168,8 @@ def settings_from_args(ns: argparse.Namespace, **overrides: Any) -> TargetSettin
         "insecure": ns.insecure,
     }
     given.update(overrides)
+    from anonjoin._settings import TargetSettings
+
     return TargetSettings.load(config_file=ns.config, **given)
 
 
@@ -114,6 +180,8 @@ def is_target(settings: TargetSettings) -> bool:
 
 def simulator_settings(info: SimulatorInfo, *, display_name: str | None) -> TargetSettings:
     """The TargetSettings that point at a running simulator (the environment is not read)."""
+    from anonjoin._settings import TargetSettings
+
     return TargetSettings.load(
         use_env=False,
         discover_url=info.discover_url,

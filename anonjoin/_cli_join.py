@@ -23,9 +23,8 @@ import time
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from anonjoin._auth import ClientSecretCredential
 from anonjoin._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -40,6 +39,7 @@ from anonjoin._cli_common import (
     positive_int,
     settings_from_args,
     simulator_settings,
+    stderr_log_handler,
 )
 from anonjoin._exceptions import (
     AnonJoinError,
@@ -49,7 +49,10 @@ from anonjoin._exceptions import (
     redact,
     redact_url,
 )
-from anonjoin._settings import InsecureTLSWarning, TargetSettings
+
+if TYPE_CHECKING:  # loaded when the command runs, not for --help
+    from anonjoin._auth import ClientSecretCredential
+    from anonjoin._settings import TargetSettings
 
 __all__ = ["register", "run"]
 
@@ -180,7 +183,7 @@ def run(ns: argparse.Namespace) -> int:
     level = log.level
     # Without -v nothing is logged: the outcome is the one line below (and Python's last-resort handler
     # would otherwise print warnings such as anonjoin.auth.failed a second time).
-    handler = _log_to_stderr() if ns.verbose else logging.NullHandler()
+    handler = _log_to_stderr(ns.log_format) if ns.verbose else logging.NullHandler()
     if not ns.verbose:
         log.addHandler(handler)
     try:
@@ -213,6 +216,8 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _one_line_warnings() -> None:
+    from anonjoin._settings import InsecureTLSWarning
+
     """Inside ``catch_warnings``: the insecure-TLS warning once, as one line; urllib3's per-request
     ``InsecureRequestWarning`` (msal's requests to Azure AD) silenced, since that one line says it all."""
     warnings.simplefilter("default", InsecureTLSWarning)
@@ -235,10 +240,9 @@ def _error_line(text: str) -> None:
     print(f"anonjoin join: {' '.join(text.split())}", file=sys.stderr, flush=True)
 
 
-def _log_to_stderr() -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr)
+def _log_to_stderr(log_format: str) -> logging.Handler:
+    handler = stderr_log_handler(log_format)
     handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     log = logging.getLogger("anonjoin")
     log.addHandler(handler)
     if log.getEffectiveLevel() > logging.DEBUG:

@@ -28,10 +28,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from anonjoin._cli_common import (
@@ -48,16 +49,13 @@ from anonjoin._cli_common import (
     positive_int,
     settings_from_args,
     simulator_settings,
+    stderr_log_handler,
 )
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
-from anonjoin._settings import TargetSettings
-from anonjoin._store import (
-    DEFAULT_LEASE_S,
-    MemorySessionStore,
-    SessionStore,
-    SqliteSessionStore,
-    default_store_path,
-)
+
+if TYPE_CHECKING:  # loaded when a command runs, not for --help
+    from anonjoin._settings import TargetSettings
+    from anonjoin._store import SessionStore
 
 __all__ = ["register", "run_load_command", "run_rejoin_command", "run_sessions_command"]
 
@@ -214,16 +212,11 @@ def _error_line(command: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _logging(verbose: bool) -> Iterator[None]:
+def _logging(verbose: bool, log_format: str = "text") -> Iterator[None]:
     """-v: every anonjoin log record to stderr (secrets are redacted at the source). Otherwise none: no
     log line over the progress display (the report holds what they would say). Undone on exit."""
     root = logging.getLogger("anonjoin")
-    handler: logging.Handler
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    else:
-        handler = logging.NullHandler()
+    handler = stderr_log_handler(log_format) if verbose else logging.NullHandler()
     level = root.level
     root.addHandler(handler)
     if verbose:
@@ -265,6 +258,8 @@ def store_label(path: str | None) -> str:
         from anonjoin._store_redis import safe_store_url
 
         return safe_store_url(text)
+    from anonjoin._store import default_store_path
+
     return text or str(default_store_path())
 
 
@@ -273,6 +268,8 @@ def open_store(path: str | None, *, create: bool = True) -> SessionStore:
 
     ``create=False``: a missing file reads as an empty store and is not created (``sessions`` and
     ``rejoin`` only read before they write)."""
+    from anonjoin._store import MemorySessionStore, SqliteSessionStore, default_store_path
+
     if path == MEMORY_STORE:
         return MemorySessionStore()
     text = _store_text(path)
@@ -301,6 +298,8 @@ async def open_store_ready(path: str | None, *, create: bool = True) -> SessionS
 
 def lease_for(store: SessionStore) -> float | None:
     """A store others can see (a file, Redis) gets a lease per guest; a memory store needs none."""
+    from anonjoin._store import DEFAULT_LEASE_S, MemorySessionStore
+
     return None if isinstance(store, MemorySessionStore) else DEFAULT_LEASE_S
 
 
@@ -315,6 +314,16 @@ def is_loopback_url(url: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _judge_hosts(guests: int, urls: Iterable[str | None]) -> None:
+    """Refuse (ConfigurationError) when one of ``urls`` is not on loopback: the guard of ``anonjoin load``."""
+    for url in urls:
+        if url is not None and not is_loopback_url(url):
+            raise ConfigurationError(
+                f"refusing to send {guests} guests to {redact_url(url)}, which is not on loopback: "
+                f"more than {GUARD_GUESTS} guests need --i-own-this-service"
+            )
 
 
 @dataclass
@@ -348,7 +357,7 @@ async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIter
 
 
 def run_load_command(ns: argparse.Namespace) -> int:
-    with _logging(bool(ns.verbose)):
+    with _logging(bool(ns.verbose), ns.log_format):
         return _guarded("load", lambda: _load_sync(ns))
 
 
@@ -399,13 +408,9 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
-    if is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service:
-        for url in (settings.discover_url, settings.meeting_url):
-            if url is not None and not is_loopback_url(url):
-                raise ConfigurationError(
-                    f"refusing to send {ns.guests} guests to {redact_url(url)}, which is not on loopback: "
-                    f"more than {GUARD_GUESTS} guests need --i-own-this-service"
-                )
+    guarded = is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service
+    if guarded:  # the hosts requests go to, not the meeting URL's (no request goes there)
+        _judge_hosts(ns.guests, (settings.discover_url, settings.authority))
     store = await open_store_ready(ns.store)
     loop = asyncio.get_running_loop()
     state: dict[str, Any] = {"runner": None, "signals": 0}
@@ -495,6 +500,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
                         meetings=meetings,
                         retry=RetryPolicy(shared_throttle=shared_throttle),
                         on_runner=on_runner,
+                        check_links=partial(_judge_hosts, ns.guests) if guarded else None,
                     )
             finally:
                 await credential.aclose()
@@ -571,6 +577,7 @@ def run_rejoin_command(ns: argparse.Namespace) -> int:
 
 async def _rejoin(ns: argparse.Namespace) -> int:
     from anonjoin._client import Client
+    from anonjoin._store import DEFAULT_LEASE_S
 
     store = await open_store_ready(ns.store, create=False)
     try:

@@ -43,6 +43,7 @@ from anonjoin._models import (
     embedded_resource,
     find_href,
     parse_body,
+    rel_name,
     require_link,
     resolve,
 )
@@ -753,23 +754,26 @@ class Guest:
     def _process(self, body: EventsBody, base: URL) -> None:
         outcomes = []
         for sender in body.sender:
+            sender_rel = rel_name(sender.rel)
             for e in sender.events:
-                emb = e.embedded.get(e.link.rel) if e.embedded else None
+                rel = rel_name(e.link.rel)
+                embedded = {rel_name(k): v for k, v in e.embedded.items()} if e.embedded else e.embedded
+                emb = embedded.get(rel)
                 state = emb.get("state") if isinstance(emb, dict) else None
                 if state is None and isinstance(e.in_, dict):
                     s2 = e.in_.get("state")
                     state = s2 if isinstance(s2, str) else None
                 ce = ChannelEvent(
                     guest_id=self.guest_id,
-                    sender=sender.rel,
-                    rel=e.link.rel,
+                    sender=sender_rel,
+                    rel=rel,
                     href=e.link.href,
                     type=e.type,
                     status=e.status,
                     reason_code=e.reason.code if e.reason else None,
                     reason_subcode=e.reason.subcode if e.reason else None,
                     state=state if isinstance(state, str) else None,
-                    embedded=e.embedded,
+                    embedded=embedded,
                 )
                 self._publish(ce)
                 outcomes.append(signal_of(ce))

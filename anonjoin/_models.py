@@ -202,6 +202,14 @@ def parse_error_body(body: bytes) -> ErrorBody | None:
 _PREFIXES = ("service:", "ms:rtc:saas:", "")
 
 
+def rel_name(rel: str) -> str:
+    """A relation name without its ``service:`` / ``ms:rtc:saas:`` prefix (the form the client matches on)."""
+    for prefix in _PREFIXES[:-1]:
+        if rel.startswith(prefix):
+            return rel[len(prefix) :]
+    return rel
+
+
 def find_href(links: Mapping[str, _Link], *names: str) -> str | None:
     """The href of the first relation found among ``names`` in any prefix form (or None)."""
     for name in names:

@@ -793,12 +793,15 @@ async def run_load(
     metrics: Metrics | None = None,
     meetings: int = 0,
     on_runner: Callable[[LoadRunner], None] | None = None,
+    check_links: Callable[[Sequence[str]], None] | None = None,
 ) -> LoadResult:
     """Run ``plan`` with one :class:`Client` for every guest, its pool sized to the concurrency.
 
     ``meetings``: spread the guests over this many meetings, creating the ones ``plan.meeting_urls`` lacks
     through adhocMeetings (the service application's own meetings). ``on_runner`` receives the runner
-    before it starts (to wire :meth:`LoadRunner.cancel` to a signal).
+    before it starts (to wire :meth:`LoadRunner.cancel` to a signal). ``check_links`` receives the URLs the
+    service application's discovery links to (applications, anonApplicationTokens, adhocMeetings) before
+    any meeting is made or guest sent; it raises to stop the run.
     """
     metrics = metrics if metrics is not None else Metrics(guests=plan.guests)
     async with Client(
@@ -812,6 +815,10 @@ async def run_load(
         max_connections=pool_size(plan.concurrency),
         hooks=metrics.hooks(hooks),
     ) as client:
+        if check_links is not None:
+            caps = await client._service.capabilities()
+            links = (caps.application_url, caps.anon_tokens_url, caps.adhoc_meetings_url)
+            check_links([str(u) for u in links if u is not None])
         urls = list(plan.meeting_urls)
         for i in range(len(urls), meetings):
             made = await client.create_meeting(subject=f"anonjoin load meeting {i + 1}")

@@ -19,10 +19,39 @@ line. protocol.md §3-§8 is the contract. The modules, from the wire inwards::
     _config.py    SimulatorConfig (every knob) and SimulatorInfo (how to reach it)
     _faults.py    fault profiles and the seeded injector
     _cli.py       ``anonjoin simulate``
+
+The names below are imported on first use (PEP 562): the CLI registers ``simulate`` without loading
+the server.
 """
 
-from anonjoin.simulator._config import SimulatorConfig, SimulatorInfo
-from anonjoin.simulator._faults import FaultInjector, FaultProfile, FaultRule
-from anonjoin.simulator._server import Simulator
+import importlib as _importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anonjoin.simulator._config import SimulatorConfig, SimulatorInfo
+    from anonjoin.simulator._faults import FaultInjector, FaultProfile, FaultRule
+    from anonjoin.simulator._server import Simulator
 
 __all__ = ["FaultInjector", "FaultProfile", "FaultRule", "Simulator", "SimulatorConfig", "SimulatorInfo"]
+
+_LAZY: dict[str, str] = {
+    "FaultInjector": "anonjoin.simulator._faults",
+    "FaultProfile": "anonjoin.simulator._faults",
+    "FaultRule": "anonjoin.simulator._faults",
+    "Simulator": "anonjoin.simulator._server",
+    "SimulatorConfig": "anonjoin.simulator._config",
+    "SimulatorInfo": "anonjoin.simulator._config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anonjoin.simulator' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -13,15 +13,12 @@ import asyncio.sslproto
 import gc
 import signal
 import sys
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from anonjoin._exceptions import ConfigurationError
-from anonjoin.simulator._app import ROUTES
-from anonjoin.simulator._config import SimulatorConfig
-from anonjoin.simulator._faults import FaultProfile
-from anonjoin.simulator._server import Simulator
+
+if TYPE_CHECKING:  # imported when the command runs, not when it is registered (``--help`` stays cheap)
+    from anonjoin.simulator._config import SimulatorConfig
 
 __all__ = ["register", "run"]
 
@@ -66,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="relation prefix of the Trusted Application API (default service:)",
     )
     add(
+        "--event-rel-prefix",
+        choices=("", "service:", "ms:rtc:saas:"),
+        default="",
+        help="prefix of the event channel's relations: link rels, _embedded keys, senders (default none)",
+    )
+    add(
         "--date-format",
         choices=("iso", "dotnet", "dotnet_escaped", "dotnet_literal"),
         default="iso",
@@ -100,6 +103,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
     """The ``SimulatorConfig`` the flags ask for; ``ConfigurationError`` (exit 2) if it is invalid."""
+    from pydantic import ValidationError
+
+    from anonjoin.simulator._app import ROUTES
+    from anonjoin.simulator._config import SimulatorConfig
+    from anonjoin.simulator._faults import FaultProfile
+
     profile = FaultProfile.load(ns.faults)  # ConfigurationError for an unknown name or a bad file
     redirect = frozenset(r.strip() for r in ns.redirect.split(",") if r.strip())
     known = {route.name for route in ROUTES}
@@ -114,6 +123,7 @@ def config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
         "faults": profile,
         "lobby": ns.lobby,
         "rel_prefix": ns.rel_prefix,
+        "event_rel_prefix": ns.event_rel_prefix,
         "date_format": ns.date_format,
         "discover_query": ns.discover_query,
         "token_status": ns.token_status,
@@ -163,6 +173,8 @@ def _set_tls_read_buffer(kb: int) -> None:
 
 
 async def _serve(config: SimulatorConfig) -> None:
+    from anonjoin.simulator._server import Simulator
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

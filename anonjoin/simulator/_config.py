@@ -19,6 +19,7 @@ __all__ = ["DateFormat", "LobbyMode", "RelPrefix", "SimulatorConfig", "Simulator
 
 LobbyMode = Literal["none", "admit", "deny"]
 RelPrefix = Literal["service:", "ms:rtc:saas:", "alternate"]
+EventRelPrefix = Literal["", "service:", "ms:rtc:saas:"]
 DateFormat = Literal["iso", "dotnet", "dotnet_escaped", "dotnet_literal"]
 DiscoverQuery = Literal["anonymousContext", "anonymousMeetingJoinContext", "discoverContext"]
 
@@ -77,6 +78,9 @@ class SimulatorConfig(BaseModel):
     rel_prefix: RelPrefix = "service:"
     """``service:`` (docs), ``ms:rtc:saas:`` (wire; also per request with ``X-Ms-Namespace: internal``),
     or ``alternate`` (switches on every response, as users saw)."""
+    event_rel_prefix: EventRelPrefix = ""
+    """Prefix of the event channel's relations (each event's link rel and ``_embedded`` key, and the
+    sender rel): bare by default, as in the UCWA docs; ``ms:rtc:saas:`` as some deployments sent them."""
     date_format: DateFormat = "iso"
     """iso ``2016-06-27T01:42:13.094Z``; dotnet ``/Date(ms)/``; dotnet_escaped: the JSON text carries
     ``\\/Date(ms)\\/`` (.NET's serializer); dotnet_literal: the string value itself has the backslashes."""

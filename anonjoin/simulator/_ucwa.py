@@ -292,17 +292,29 @@ async def events(core: Core, call: Call) -> web.StreamResponse:
         }
     }
     if result.events:
-        body["sender"] = _senders(result.events)
+        body["sender"] = _senders(result.events, core.config.event_rel_prefix)
     return w.json(body)
 
 
-def _senders(events: tuple[Event, ...]) -> list[dict[str, Any]]:
+def _senders(events: tuple[Event, ...], prefix: str = "") -> list[dict[str, Any]]:
     senders: list[dict[str, Any]] = []
     for event in events:
         if not senders or senders[-1]["href"] != event.sender_href:
-            senders.append({"rel": event.sender_rel, "href": event.sender_href, "events": []})
-        senders[-1]["events"].append(event.body)
+            senders.append({"rel": prefix + event.sender_rel, "href": event.sender_href, "events": []})
+        senders[-1]["events"].append(_prefixed(event.body, prefix) if prefix else event.body)
     return senders
+
+
+def _prefixed(body: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The event with its link rel and ``_embedded`` keys in ``prefix`` form (the stored one untouched)."""
+    out = dict(body)
+    link = body.get("link")
+    if isinstance(link, dict) and isinstance(link.get("rel"), str):
+        out["link"] = {**link, "rel": prefix + link["rel"]}
+    embedded = body.get("_embedded")
+    if isinstance(embedded, dict):
+        out["_embedded"] = {prefix + k: v for k, v in embedded.items()}
+    return out
 
 
 async def me_action(core: Core, call: Call) -> web.StreamResponse:

@@ -8,13 +8,14 @@ import logging
 import os
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from anonjoin import _cli_join
-from anonjoin._cli import main
+from anonjoin._cli import build_parser, main
 from anonjoin.simulator import Simulator
 
 JSON_KEYS = {
@@ -427,3 +428,81 @@ async def test_authority_without_tenant_uses_the_endpoint_domain(
     host_only = sim.info.authority.rsplit("/", 1)[0]
     assert await run_cli([*target_flags(sim, authority=host_only), "--json"]) == 0
     assert one_json(capsys.readouterr().out)["outcome"] == "joined"
+
+
+async def test_json_log_format_every_stderr_line_is_an_object_without_secrets(
+    sim_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with sim_factory(record_issued_tokens=True) as sim:
+        assert await run_cli([*target_flags(sim), "-v", "--log-format", "json"]) == 0
+        issued = [*sim.issued_tokens.aad, *sim.issued_tokens.psat]
+    err = capsys.readouterr().err
+    records = [json.loads(line) for line in err.splitlines()]  # every line: one JSON object
+    assert len(records) > 10 and all(isinstance(r, dict) for r in records)
+    for r in records:
+        assert r["time"].endswith("Z") and datetime.fromisoformat(r["time"][:-1]).year >= 2020
+        assert r["level"] in ("DEBUG", "INFO", "WARNING", "ERROR") and r["logger"].startswith("anonjoin")
+    events = {r["event"] for r in records}
+    assert {"anonjoin.step.end", "anonjoin.guest.joined", "anonjoin.guest.left"} <= events
+    ends = [r for r in records if r["event"] == "anonjoin.step.end"]
+    assert all(
+        {"step", "guest_id", "client_request_id"} <= set(r) for r in ends if r["step"] == "invitations"
+    )
+    assert any("correlation_id" in r for r in ends)
+    assert issued and sim.info.client_secret
+    for secret in (sim.info.client_secret, *issued, *(t.split(".", 1)[1] for t in issued)):
+        assert secret not in err
+    assert "eyJ" not in err and "psat=" not in err
+
+
+def test_json_log_format_redacts_what_a_record_carries() -> None:
+    from anonjoin._cli_common import JsonLogFormatter
+
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    try:
+        raise ValueError(f"Bearer {token}")
+    except ValueError:
+        record = logging.LogRecord("anonjoin.x", logging.ERROR, "p", 1, "got %s", (token,), sys.exc_info())
+    record.step = "discover"
+    record.header = f"Authorization: Bearer {token}"
+    line = JsonLogFormatter().format(record)
+    data = json.loads(line)
+    assert data["step"] == "discover" and data["error"].startswith("ValueError")
+    assert "eyJ" not in line and "c2lnbmF0dXJl" not in line and "Traceback" not in line
+
+
+@pytest.mark.parametrize(
+    "command", [["simulate"], ["join"], ["load"], ["rejoin", "--guest", "g1"], ["sessions"]]
+)
+def test_log_format_is_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(command).log_format == "text"
+    assert build_parser().parse_args([*command, "--log-format", "json"]).log_format == "json"
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*command, "--log-format", "xml"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_json_log_format_for_a_command_without_v_turns_its_warnings_into_objects(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anonjoin import _cli_load
+    from anonjoin._events import log_event
+
+    def warns(ns: Any) -> int:
+        log = logging.getLogger("anonjoin.store")
+        log_event(log, logging.DEBUG, "anonjoin.store.quiet")  # below WARNING: not written
+        log_event(log, logging.WARNING, "anonjoin.store.odd", guest_id="g1", path="/x")
+        return 0
+
+    monkeypatch.setattr(_cli_load, "run_sessions_command", warns)
+    assert main(["sessions", "--log-format", "json"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert (
+        record["event"] == "anonjoin.store.odd"
+        and record["guest_id"] == "g1"
+        and record["level"] == "WARNING"
+    )
+    leftover = [h for h in logging.getLogger("anonjoin").handlers if not isinstance(h, logging.NullHandler)]
+    assert not leftover

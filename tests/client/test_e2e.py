@@ -17,6 +17,7 @@ import pytest
 
 from anonjoin import (
     CapabilityNotAvailable,
+    ChannelEvent,
     Client,
     GuestEvent,
     GuestState,
@@ -106,6 +107,8 @@ async def test_happy_path(sim: Simulator) -> None:
 VARIANTS: dict[str, dict[str, Any]] = {
     "wire-prefix": {"rel_prefix": "ms:rtc:saas:"},
     "alternating-prefix": {"rel_prefix": "alternate"},
+    "wire-prefix-events": {"event_rel_prefix": "ms:rtc:saas:"},
+    "docs-prefix-events": {"event_rel_prefix": "service:"},
     "dotnet-date": {"date_format": "dotnet"},
     "dotnet-escaped-date": {"date_format": "dotnet_escaped"},
     "dotnet-literal-date": {"date_format": "dotnet_literal"},
@@ -262,6 +265,27 @@ async def test_lobby_admit_and_deny(sim_factory: SimFactory) -> None:
             await client.join(meeting_url=slow["meeting_url"], origin=sim.info.origin, display_name="Zed",
                               lobby_timeout_s=0.3)  # fmt: skip
         assert info.value.reason == "LobbyTimeout"
+        assert live_apps(sim) == 0
+
+
+async def test_lobby_through_prefixed_event_relations(sim_factory: SimFactory) -> None:
+    # the lobby state arrives in an ``_embedded`` keyed ``ms:rtc:saas:conversation`` from a sender
+    # ``ms:rtc:saas:communication``; the invitation completes as ``ms:rtc:saas:onlineMeetingInvitation``
+    async with (
+        sim_factory(event_rel_prefix="ms:rtc:saas:", lobby="admit", lobby_delay_s=0.2) as sim,
+        client_for(sim) as client,
+    ):
+        g = client.guest(meeting_url=sim.info.meeting_url, origin=sim.info.origin, display_name="Ada")
+        it = g.events()
+        await g.join()
+        await g.leave()
+        seen = [e async for e in it]
+        assert [e.kind for e in seen if isinstance(e, GuestEvent)] == ["lobby", "joined", "left"]
+        channel = [e for e in seen if isinstance(e, ChannelEvent)]
+        assert {e.sender for e in channel} <= {"communication", "conversation"}
+        done = [e for e in channel if e.rel == "onlineMeetingInvitation" and e.type == "completed"]
+        assert len(done) == 1 and "onlineMeetingInvitation" in done[0].embedded
+        assert any(e.rel == "conversation" and e.state == "InLobby" for e in channel)
         assert live_apps(sim) == 0
 
 

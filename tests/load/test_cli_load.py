@@ -9,13 +9,15 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from anonjoin._cli import main
+from anonjoin._exceptions import ConfigurationError
 from anonjoin.simulator import Simulator, SimulatorConfig
 
 
@@ -265,3 +267,104 @@ def test_reading_commands_do_not_create_a_store(tmp_path: Path, capsys: pytest.C
     assert "0 session(s)" in capsys.readouterr().out
     assert main(["rejoin", "--guest", "g", "--store", str(missing)]) == 2
     assert not missing.exists() and not missing.parent.exists()
+
+
+def _sim_flags(info: dict[str, Any]) -> list[str]:
+    return [
+        "--discover-url", info["discover_url"], "--authority", info["authority"],
+        "--client-id", info["client_id"], "--client-secret", info["client_secret"],
+        "--endpoint-id", info["endpoint_id"],
+        "--meeting-url", info["meeting_url"], "--origin", info["origin"], "--ca-file", info["ca_file"],
+        "--scope", info["scope"],
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def simulate_process() -> Iterator[dict[str, Any]]:
+    """``anonjoin simulate`` as a subprocess on 127.0.0.1: its JSON line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANONJOIN_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anonjoin", "simulate", "--seed", "3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the simulator prints its line when it serves (or exits)
+        assert line, "anonjoin simulate exited without its JSON line"
+        yield json.loads(line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_guard_judges_the_hosts_contacted_not_the_meeting_url(
+    simulate_process: dict[str, Any], tmp_path: Path
+) -> None:
+    info = simulate_process
+    assert ".invalid/" in info["meeting_url"]  # a host no request goes to
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANONJOIN_")}
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    run = subprocess.run(
+        [sys.executable, "-m", "anonjoin", "load", "--guests", "60", "--concurrency", "20",
+         "--progress", "off", "--store", ":memory:", "--no-html", "--report", str(tmp_path / "r.json"),
+         *_sim_flags(info)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "refusing" not in run.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["guests"] == report["joined"] == 60
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--authority", "https://login.example.com/contoso.com"),
+     ("--discover-url", "https://load.example.com/platformservice/discover")],
+)  # fmt: skip
+def test_guard_refuses_a_remote_authority_or_discover_before_any_request(
+    threaded_sim: ThreadedSim, flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = threaded_sim.flags()
+    flags[flags.index(flag) + 1] = value
+    code = main(["load", "--guests", "51", "--progress", "off", "--store", ":memory:", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and "refusing" in err and str(urlsplit(value).hostname) in err
+    assert threaded_sim.snapshot()["requests"] == {}  # nothing sent, not even for a token
+
+
+async def test_guard_sees_the_links_of_the_service_before_any_guest(sim: Simulator) -> None:
+    from anonjoin._auth import ClientSecretCredential
+    from anonjoin._runner import LoadPlan, run_load
+
+    seen: list[str] = []
+
+    def refuse(urls: Sequence[str]) -> None:
+        seen.extend(urls)
+        raise ConfigurationError("refused")
+
+    i = sim.info
+    credential = ClientSecretCredential(
+        authority=i.authority,
+        client_id=i.client_id,
+        client_secret=i.client_secret,
+        scope=i.scope,
+        ca_file=i.ca_file,
+    )
+    plan = LoadPlan(guests=60, meeting_urls=(i.meeting_url,), origin=i.origin, concurrency=5)
+    try:
+        with pytest.raises(ConfigurationError):
+            await run_load(plan, discover_url=i.discover_url, endpoint_id=i.endpoint_id,
+                           credential=credential, ca_file=i.ca_file, meetings=3,
+                           check_links=refuse)  # fmt: skip
+    finally:
+        await credential.aclose()
+    assert any("/applications" in u for u in seen) and any("anonApplicationTokens" in u for u in seen)
+    state = sim.snapshot()
+    assert state["applications"]["created"] == 0 and len(state["meetings"]) == 1

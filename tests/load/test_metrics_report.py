@@ -279,3 +279,23 @@ def test_check_against_the_services_record() -> None:
     assert bad["rejoined_guests_with_the_same_id"] == 0  # a1 rejoined twice but the service saw one app
     page = render_html(build_report(Metrics(), records, {}, started_at=0.0, service_check=bad))
     assert "Inconsistent: 1 applicationSessionIds the run never used; 1 rejoined guests" in page
+
+
+def test_the_mean_is_exact_and_does_not_walk_the_histogram(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hdrh.histogram import HdrHistogram
+
+    from anonjoin._metrics import LatencyHistogram
+
+    def walk(self: HdrHistogram) -> float:
+        raise AssertionError("get_mean_value walks every bucket: some 50 ms a histogram")
+
+    monkeypatch.setattr(HdrHistogram, "get_mean_value", walk)
+    h = LatencyHistogram()
+    assert h.mean_ms() is None and h.summary()["mean"] is None
+    for seconds in (0.001, 0.002, 0.004, 0.0000001):  # the last one clamps to 1 us
+        h.record(seconds)
+    assert h.mean_ms() == pytest.approx((1000 + 2000 + 4000 + 1) / 4 / 1000)
+    assert h.summary()["mean"] == 1.75
+    m, records = _run()
+    report = build_report(m, records, {}, started_at=1.0)
+    assert report["join_latency_ms"]["mean"] == 100.0  # every join took 100 ms (less its lobby): exactly

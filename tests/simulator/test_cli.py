@@ -82,3 +82,12 @@ async def test_a_missing_fault_file_exits_2_from_the_real_command() -> None:
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2 and stdout == b""
     assert stderr.decode().strip().count("\n") == 0 and "cannot read fault profile" in stderr.decode()
+
+
+def test_event_rel_prefix_flag() -> None:
+    from anonjoin._cli import build_parser
+    from anonjoin.simulator._cli import config_from_args
+
+    ns = build_parser().parse_args(["simulate", "--event-rel-prefix", "ms:rtc:saas:"])
+    assert config_from_args(ns).event_rel_prefix == "ms:rtc:saas:"
+    assert config_from_args(build_parser().parse_args(["simulate"])).event_rel_prefix == ""

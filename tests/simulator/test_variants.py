@@ -57,6 +57,15 @@ async def test_relation_prefix_by_setting_and_by_header(
         assert sorted(rels) == ["ms:rtc:saas:discover", "service:discover"]
 
 
+async def test_event_relations_prefixed_on_the_wire(sim_factory: Any, open_walk: Any) -> None:
+    async with sim_factory(event_rel_prefix="ms:rtc:saas:") as sim, open_walk(sim) as walk:
+        guest = await walk.join()
+        events = await guest.events_until("ms:rtc:saas:onlineMeetingInvitation", "completed")
+        assert events and all(e["link"]["rel"].startswith("ms:rtc:saas:") for e in events)
+        assert all(k.startswith("ms:rtc:saas:") for e in events for k in e.get("_embedded", {}))
+        assert "ms:rtc:saas:onlineMeetingInvitation" in events[-1]["_embedded"]
+
+
 @pytest.mark.parametrize(
     ("form", "pattern"),
     [
