@@ -277,7 +277,7 @@ def test_insecure_target_is_final_in_the_one_table() -> None:
     from anonjoin._protocol import Action, classify
 
     for step in ("anon_tokens", "anon_applications", "events", "discover", "delete_application"):
-        d = classify(step, InsecureTarget("refusing", step=step))  # type: ignore[arg-type]
+        d = classify(step, InsecureTarget("refusing", step=step))
         assert d.action is Action.FINAL and d.reason == "InsecureTarget"
 
 
