@@ -182,8 +182,8 @@ class ServiceApp:
             if deadline_at is not None and not inflight.done():
                 # a fetch another guest started runs to its own deadline; this caller waits only to its own
                 left = deadline_at - self._clock.monotonic()
-                done, _ = await asyncio.wait({inflight}, timeout=max(0.0, left))
-                if not done:
+                finished, _ = await asyncio.wait({inflight}, timeout=max(0.0, left))
+                if not finished:
                     raise RequestNotSentError(
                         "the shared discover did not complete within this guest's deadline",
                         step="discover",

@@ -268,3 +268,39 @@ async def test_cli_join_refuses_to_leak_a_token(sim: Simulator, case: str) -> No
         assert b"Traceback" not in err
         assert info.client_secret.encode() not in out + err
         assert h.cleartext_with_token() == []
+
+
+# --- the core rules, without sockets --------------------------------------------------------------------
+
+
+def test_insecure_target_is_final_in_the_one_table() -> None:
+    from anonjoin._protocol import Action, classify
+
+    for step in ("anon_tokens", "anon_applications", "events", "discover", "delete_application"):
+        d = classify(step, InsecureTarget("refusing", step=step))
+        assert d.action is Action.FINAL and d.reason == "InsecureTarget"
+
+
+def test_plan_expiry_bounds_every_bad_expiry() -> None:
+    from anonjoin._protocol import bad_expiry, plan_expiry
+
+    for stated in (None, float("nan"), -3600.0, -1e9, 0.0, 0.3, 59.0):
+        plan = plan_expiry(stated, 60.0)
+        assert plan.suspect and plan.lifetime_s >= C.REMINT_FLOOR_S
+    assert plan_expiry(None, 60.0).lifetime_s == 60.0
+    sane = plan_expiry(3600.0, 60.0)
+    assert not sane.suspect and sane.lifetime_s == 3600.0
+    assert [bad_expiry(n, 2) for n in range(6)] == [False, False, False, False, True, True]
+
+
+def test_poll_wait_backs_off_idle_answers_and_resets_on_events() -> None:
+    from anonjoin._protocol import poll_wait
+
+    w, waits = 0.0, []
+    for _ in range(10):
+        w = poll_wait(w, 0.001, idle=True)
+        waits.append(w)
+    assert waits[0] == C.POLL_IDLE_WAIT_INITIAL_S and waits[-1] == C.POLL_IDLE_WAIT_MAX_S
+    assert waits == sorted(waits)
+    assert poll_wait(w, 0.001, idle=False) == 0.0  # a real event
+    assert poll_wait(w, C.POLL_FLOOR_S, idle=True) == 0.0  # the service held the poll
