@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 from typing import TYPE_CHECKING, Any
 
 from anonjoin._settings import TargetSettings
@@ -16,6 +17,20 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_HANGUP = 129
+
+# The signals that stop a run cleanly (guests leave, reports are written); the exit code is 128 + the first.
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def exit_code_for_signal(signame: str) -> int:
+    """Exit code for a run stopped by ``signame``: 128 + the signal (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+    return {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
+        signame, EXIT_INTERRUPTED
+    )
+
 
 # The settings that name a deployment; given none of them, a sub-command uses the embedded simulator.
 # The secret alone does not name one.

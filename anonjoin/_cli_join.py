@@ -30,10 +30,11 @@ from anonjoin._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_TERMINATED,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
+    STOP_SIGNALS,
     add_target_arguments,
+    exit_code_for_signal,
     is_target,
     non_negative_float,
     positive_float,
@@ -247,34 +248,36 @@ def _log_to_stderr() -> logging.Handler:
 
 
 async def _main_until_signalled(ns: argparse.Namespace, report: _Report) -> int:
-    """SIGTERM cancels the join like Ctrl-C does: the guest leaves and the report is still printed."""
+    """Ctrl-C, SIGTERM and SIGHUP cancel the join: the guest leaves and the report is still printed; the exit
+    code is 128 + the first signal (130, 143, 129). A further signal cancels again (the leave is bounded)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    terminated = False
+    signals: list[str] = []
 
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
+    def on_signal(signame: str) -> None:
+        signals.append(signame)
         if task is not None:
             task.cancel()
 
-    installed = False
-    try:
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        installed = True
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-        pass
+    installed: list[signal.Signals] = []
+    for sig in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig.name)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
     try:
         return await _main(ns, report)
     except asyncio.CancelledError:
-        if not terminated:
+        if not signals:
             raise
-        report.outcome, report.reason = "interrupted", "terminated (SIGTERM)"
-        _error_line("terminated (SIGTERM): the guest left")
-        return EXIT_TERMINATED
+        what = "interrupted" if signals[0] == "SIGINT" else f"terminated ({signals[0]})"
+        report.outcome, report.reason = "interrupted", what
+        _error_line(f"{what}: the guest left")
+        return exit_code_for_signal(signals[0])
     finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGTERM)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 async def _main(ns: argparse.Namespace, report: _Report) -> int:

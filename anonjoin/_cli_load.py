@@ -5,7 +5,8 @@
 deployment (more than 50 guests against a host that is not loopback needs ``--i-own-this-service``). It
 shows live progress, writes ``anonjoin-report.json`` and ``anonjoin-report.html`` (or ``--report`` /
 ``--html``), and exits 0; 1 when ``--fail-if`` is breached or no guest joined; 2 for a bad flag or setting;
-130 when interrupted (Ctrl-C / SIGTERM: arrivals stop, joined guests leave, the report is still written).
+130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP (128 + the signal; in each case arrivals stop, joined guests
+leave and the report is still written).
 
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
@@ -36,7 +37,9 @@ from anonjoin._cli_common import (
     EXIT_OK,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
+    STOP_SIGNALS,
     add_target_arguments,
+    exit_code_for_signal,
     is_target,
     non_negative_float,
     non_negative_int,
@@ -315,13 +318,14 @@ def _load_sync(ns: argparse.Namespace) -> int:
                 parent = parent.parent  # missing directories are made when the report is written
             if not parent.is_dir():
                 raise ConfigurationError(f"cannot write the report {path}: {parent} is not a directory")
-    report = asyncio.run(_load(ns, condition, schedule))
+    signals: list[str] = []
+    report = asyncio.run(_load(ns, condition, schedule, signals))
     written = [str(write_json(Path(ns.report).expanduser(), report))]
     if not ns.no_html:
         written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
     _print_summary(report, written)
     if report["interrupted"]:
-        return EXIT_INTERRUPTED
+        return exit_code_for_signal(signals[0]) if signals else EXIT_INTERRUPTED
     if report["fail_if"] and report["fail_if"]["breached"]:
         _error_line("load", f"--fail-if breached: {report['fail_if']['detail']}")
         return EXIT_FAILED
@@ -340,7 +344,8 @@ def _plan_inputs(ns: argparse.Namespace) -> tuple[Any, Any]:
     return condition, schedule
 
 
-async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[str, Any]:
+async def _load(ns: argparse.Namespace, condition: Any, schedule: Any, signals: list[str]) -> dict[str, Any]:
+    """``signals`` receives the names of the signals that stopped the run, first one first."""
     from anonjoin._metrics import Metrics
     from anonjoin._progress import ProgressDisplay
     from anonjoin._report import build_report
@@ -362,6 +367,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
 
     def on_signal(signame: str) -> None:
         state["signals"] += 1
+        signals.append(signame)
         runner: LoadRunner | None = state["runner"]
         if state["signals"] == 1:
             print(
@@ -376,7 +382,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
             runner.cancel()
 
     installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, on_signal, sig.name)
             installed.append(sig)
