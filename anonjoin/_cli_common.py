@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
+import sys
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from anonjoin._settings import TargetSettings
@@ -30,6 +34,34 @@ def exit_code_for_signal(signame: str) -> int:
     return {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
         signame, EXIT_INTERRUPTED
     )
+
+
+@contextlib.contextmanager
+def stop_signals_deferred(command: str, signals: list[str]) -> Iterator[Callable[[], None]]:
+    """While the event loop's own handlers are not installed (before the run, during ``asyncio.run``'s
+    teardown, while the reports are written), a stop signal is appended to ``signals`` and announced,
+    never raised: a second Ctrl-C cannot lose the reports. Yields the function that re-installs these
+    handlers (``loop.remove_signal_handler`` resets SIGINT to raising ``KeyboardInterrupt``)."""
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        signals.append(name)
+        print(f"anonjoin {command}: {name}: already stopping; the report is written first", file=sys.stderr)
+
+    previous: dict[signal.Signals, Any] = {}
+
+    def install() -> None:
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to defer
+                before = signal.signal(sig, record)
+                previous.setdefault(sig, before)
+
+    install()
+    try:
+        yield install
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 # The settings that name a deployment; given none of them, a sub-command uses the embedded simulator.

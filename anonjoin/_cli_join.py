@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -41,6 +41,7 @@ from anonjoin._cli_common import (
     positive_int,
     settings_from_args,
     simulator_settings,
+    stop_signals_deferred,
 )
 from anonjoin._exceptions import (
     AnonJoinError,
@@ -184,10 +185,22 @@ def run(ns: argparse.Namespace) -> int:
     handler = _log_to_stderr() if ns.verbose else logging.NullHandler()
     if not ns.verbose:
         log.addHandler(handler)
+    signals: list[str] = []
+    with stop_signals_deferred("join", signals) as reinstall:  # a late Ctrl-C cannot lose the report
+        code = _run_guarded(ns, report, signals, reinstall)
+        log.removeHandler(handler)
+        log.setLevel(level)
+        report.finish()
+    return code
+
+
+def _run_guarded(
+    ns: argparse.Namespace, report: _Report, signals: list[str], reinstall: Callable[[], None]
+) -> int:
     try:
         with warnings.catch_warnings():
             _one_line_warnings()
-            code = asyncio.run(_main_until_signalled(ns, report))
+            code = asyncio.run(_main_until_signalled(ns, report, signals, reinstall))
     except KeyboardInterrupt:
         report.outcome, report.reason = "interrupted", "interrupted"
         _error_line("interrupted: the guest left")
@@ -206,10 +219,6 @@ def run(ns: argparse.Namespace) -> int:
         report.reason = f"internal error: {type(exc).__name__}: {redact(str(exc))[:200]}"
         _error_line(report.reason)
         code = EXIT_FAILED
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-    report.finish()
     return code
 
 
@@ -247,12 +256,13 @@ def _log_to_stderr() -> logging.Handler:
     return handler
 
 
-async def _main_until_signalled(ns: argparse.Namespace, report: _Report) -> int:
+async def _main_until_signalled(
+    ns: argparse.Namespace, report: _Report, signals: list[str], reinstall: Callable[[], None]
+) -> int:
     """Ctrl-C, SIGTERM and SIGHUP cancel the join: the guest leaves and the report is still printed; the exit
     code is 128 + the first signal (130, 143, 129). A further signal cancels again (the leave is bounded)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    signals: list[str] = []
 
     def on_signal(signame: str) -> None:
         signals.append(signame)
@@ -266,6 +276,8 @@ async def _main_until_signalled(ns: argparse.Namespace, report: _Report) -> int:
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
+    if signals and task is not None:  # a signal before the loop ran
+        task.cancel()
     try:
         return await _main(ns, report)
     except asyncio.CancelledError:
@@ -278,6 +290,7 @@ async def _main_until_signalled(ns: argparse.Namespace, report: _Report) -> int:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        reinstall()
 
 
 async def _main(ns: argparse.Namespace, report: _Report) -> int:

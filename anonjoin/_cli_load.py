@@ -47,6 +47,7 @@ from anonjoin._cli_common import (
     positive_int,
     settings_from_args,
     simulator_settings,
+    stop_signals_deferred,
 )
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
 from anonjoin._settings import TargetSettings
@@ -319,12 +320,13 @@ def _load_sync(ns: argparse.Namespace) -> int:
             if not parent.is_dir():
                 raise ConfigurationError(f"cannot write the report {path}: {parent} is not a directory")
     signals: list[str] = []
-    report = asyncio.run(_load(ns, condition, schedule, signals))
-    written = [str(write_json(Path(ns.report).expanduser(), report))]
-    if not ns.no_html:
-        written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
-    _print_summary(report, written)
-    if report["interrupted"]:
+    with stop_signals_deferred("load", signals) as reinstall:
+        report = asyncio.run(_load(ns, condition, schedule, signals, reinstall))
+        written = [str(write_json(Path(ns.report).expanduser(), report))]
+        if not ns.no_html:
+            written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
+        _print_summary(report, written)
+    if report["interrupted"] or signals:
         return exit_code_for_signal(signals[0]) if signals else EXIT_INTERRUPTED
     if report["fail_if"] and report["fail_if"]["breached"]:
         _error_line("load", f"--fail-if breached: {report['fail_if']['detail']}")
@@ -344,8 +346,11 @@ def _plan_inputs(ns: argparse.Namespace) -> tuple[Any, Any]:
     return condition, schedule
 
 
-async def _load(ns: argparse.Namespace, condition: Any, schedule: Any, signals: list[str]) -> dict[str, Any]:
-    """``signals`` receives the names of the signals that stopped the run, first one first."""
+async def _load(
+    ns: argparse.Namespace, condition: Any, schedule: Any, signals: list[str], reinstall: Callable[[], None]
+) -> dict[str, Any]:
+    """``signals`` receives the names of the signals that stopped the run, first one first; ``reinstall``
+    puts back the handlers of :func:`stop_signals_deferred` once the loop's own are removed."""
     from anonjoin._metrics import Metrics
     from anonjoin._progress import ProgressDisplay
     from anonjoin._report import build_report
@@ -363,7 +368,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any, signals: 
                 )
     store = open_store(ns.store)
     loop = asyncio.get_running_loop()
-    state: dict[str, Any] = {"runner": None, "signals": 0}
+    state: dict[str, Any] = {"runner": None, "signals": len(signals)}
 
     def on_signal(signame: str) -> None:
         state["signals"] += 1
@@ -461,6 +466,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any, signals: 
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        reinstall()
         await store.aclose()
 
     return build_report(

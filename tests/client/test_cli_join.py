@@ -378,7 +378,7 @@ async def test_as_a_subprocess() -> None:
     assert b"Traceback" not in err
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 async def test_signal_during_hold_leaves_and_reports(sim: Simulator, sig: signal.Signals, code: int) -> None:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANONJOIN_")}
     proc = await asyncio.create_subprocess_exec(

@@ -68,6 +68,7 @@ def test_signal_while_holding_leaves_writes_both_reports_and_exits_128_plus_sign
     finally:
         out, err = _finish(proc, seen)
     assert proc.returncode == code, err
+    assert f"{GUESTS} guests:" in out  # the summary
     assert "Traceback" not in err
     assert f"{sig.name}: stopping" in err
     report = _reports(tmp_path)
@@ -87,7 +88,30 @@ def test_a_second_ctrl_c_still_writes_both_reports(tmp_path: Path, threaded_sim:
     finally:
         out, err = _finish(proc, seen)
     assert proc.returncode == 130, err
+    assert f"{GUESTS} guests:" in out
     assert "Traceback" not in err
     report = _reports(tmp_path)
     assert report["interrupted"] is True
     assert report["joined"] == GUESTS
+
+
+def test_ctrl_c_while_the_reports_are_written_does_not_lose_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The window a second Ctrl-C used to hit: the loop's handlers are gone, the reports not yet written."""
+    from anonjoin import _report
+    from anonjoin._cli import main
+
+    real_write_json = _report.write_json
+
+    def interrupted_write_json(path: Path, report: dict[str, object]) -> Path:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread before this returns
+        return real_write_json(path, report)
+
+    monkeypatch.setattr(_report, "write_json", interrupted_write_json)
+    code = main(["load", "--guests", "2", "--store", ":memory:", "--progress", "off"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "SIGINT: already stopping; the report is written first" in err
+    _reports(tmp_path)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
