@@ -4,7 +4,8 @@
 ``--config``) starts the embedded simulator (with ``--faults``) and loads it; with a target it loads that
 deployment (more than 50 guests against a host that is not loopback needs ``--i-own-this-service``). It
 shows live progress, writes ``anonjoin-report.json`` and ``anonjoin-report.html`` (or ``--report`` /
-``--html``), and exits 0; 1 when ``--fail-if`` is breached or no guest joined; 2 for a bad flag or setting;
+``--html``), and exits 0; 99 when ``--fail-if`` is breached (the run worked, a threshold did not: k6's
+code); 1 when no guest joined or the run failed; 2 for a bad flag or setting;
 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP (128 + the signal; in each case arrivals stop, joined guests
 leave and the report is still written).
 
@@ -35,6 +36,7 @@ from anonjoin._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_THRESHOLDS,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
     STOP_SIGNALS,
@@ -89,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Load-test guest joins: many guests with bounded concurrency and an arrival schedule, held "
             "joined, then left; live progress; a JSON and an HTML report. With no target, the embedded "
             "simulator is started (with --faults) and loaded."
+        ),
+        epilog=(
+            "exit codes: 0 ok; 1 the run failed (no guest joined, a service error); 2 bad input; "
+            "99 --fail-if breached; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (guests leave, reports written)"
         ),
     )
     run = load.add_argument_group("the run")
@@ -159,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     out.add_argument(
         "--fail-if",
         metavar="EXPR",
-        help='exit 1 when this holds, e.g. "success_rate<0.99 or p95(join)>2s"',
+        help='exit 99 when this holds, e.g. "success_rate<99%% or p95(join)>2s" (a rate is 0..1 or N%%)',
     )
     out.add_argument(
         "--progress", choices=("auto", "bar", "plain", "off"), default="auto", help="progress display"
@@ -330,7 +336,7 @@ def _load_sync(ns: argparse.Namespace) -> int:
         return exit_code_for_signal(signals[0]) if signals else EXIT_INTERRUPTED
     if report["fail_if"] and report["fail_if"]["breached"]:
         _error_line("load", f"--fail-if breached: {report['fail_if']['detail']}")
-        return EXIT_FAILED
+        return EXIT_THRESHOLDS
     if report["guests"] and not report["joined"]:
         _error_line("load", "no guest joined")
         return EXIT_FAILED
@@ -341,7 +347,7 @@ def _plan_inputs(ns: argparse.Namespace) -> tuple[Any, Any]:
     from anonjoin._report import parse_fail_if
     from anonjoin._runner import ConstantRate, parse_ramp
 
-    condition = parse_fail_if(ns.fail_if) if ns.fail_if else None
+    condition = parse_fail_if(ns.fail_if) if ns.fail_if is not None else None
     schedule = ConstantRate(ns.rate) if ns.rate else parse_ramp(ns.ramp) if ns.ramp else None
     return condition, schedule
 

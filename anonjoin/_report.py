@@ -601,6 +601,11 @@ class _Parser:
             self.fail(f"{named.text} is a time and cannot compare with {other.text!r}")
         if named.dim == "ratio":
             if isinstance(other, _Num) and other.dim is None:
+                if not 0.0 <= other.value <= 1.0:
+                    self.fail(
+                        f"{named.text} is a ratio from 0 to 1: write {other.value / 100:g} or {other.text}%, "
+                        f"not {other.text!r}"
+                    )
                 return
             self.fail(
                 f"{named.text} is a ratio (0..1 or a percentage) and cannot compare with {other.text!r}"

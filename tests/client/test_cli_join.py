@@ -386,14 +386,19 @@ async def test_signal_during_hold_leaves_and_reports(sim: Simulator, sig: signal
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     assert proc.stdout is not None
-    async with asyncio.timeout(60):
-        while not (line := (await proc.stdout.readline()).decode()).startswith("holding"):
-            if not line:
-                _, err = await proc.communicate()
-                pytest.fail(f"the CLI ended before holding: {err.decode()[-2000:]}")
-        (asi,) = sim.snapshot()["meetings"][sim.info.conference_id]["roster"]
-        proc.send_signal(sig)
-        _out, err = await proc.communicate()
+    try:
+        async with asyncio.timeout(60):
+            while not (line := (await proc.stdout.readline()).decode()).startswith("holding"):
+                if not line:
+                    _, err = await proc.communicate()
+                    pytest.fail(f"the CLI ended before holding: {err.decode()[-2000:]}")
+            (asi,) = sim.snapshot()["meetings"][sim.info.conference_id]["roster"]
+            proc.send_signal(sig)
+            _out, err = await proc.communicate()
+    finally:  # a CLI that hangs fails this test; left running, it would hang the simulator's teardown
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == code, err.decode()
     assert b"Traceback" not in err
     assert len(err.decode().strip().splitlines()) == 1, err.decode()
