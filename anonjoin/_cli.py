@@ -2,7 +2,7 @@
 
 Each sub-command module offers ``register(subparsers)``, which adds its parser and sets ``run`` (a function
 of the parsed namespace returning the exit code). Errors anonjoin knows become one line on stderr; a bad
-flag is argparse's usage line and exit 2; nothing prints a traceback.
+flag is one line (what is wrong, then ``see: anonjoin CMD --help``) and exit 2; nothing prints a traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from anonjoin._cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from anonjoin._cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, OneLineParser
 from anonjoin._exceptions import AnonJoinError, ConfigurationError
 from anonjoin._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="anonjoin",
         description="Join anonymous guests into online meetings, one or thousands at once.",
     )

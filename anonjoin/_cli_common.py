@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from anonjoin._settings import TargetSettings
 
@@ -71,38 +71,44 @@ NOT_A_TARGET = frozenset({"client_secret"})
 REQUIRED_FOR_TARGET = ("discover_url", "authority", "client_id", "client_secret", "endpoint_id")
 
 
-def non_negative_float(text: str) -> float:
+def _number(text: str, kind: type[int] | type[float], rule: str, ok: Callable[[float], bool]) -> Any:
+    """One rule, one message: whatever is wrong with ``text`` (not a number, too small, not finite), the
+    error states the rule."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+        value = None
+    if value is None or not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}: {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value: float = _number(text, float, "a finite number >= 0", lambda v: v >= 0)
     return value
 
 
 def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    value: float = _number(text, float, "a finite number > 0", lambda v: v > 0)
     return value
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    value: int = _number(text, int, "a whole number >= 0", lambda v: v >= 0)
     return value
 
 
 def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    value: int = _number(text, int, "a whole number >= 1", lambda v: v >= 1)
     return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (what is wrong, then where the help is), not the
+    usage block first; exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {' '.join(message.split())}; see: {self.prog} --help\n")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, display_name: bool = True) -> None:

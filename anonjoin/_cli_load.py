@@ -44,7 +44,6 @@ from anonjoin._cli_common import (
     exit_code_for_signal,
     is_target,
     non_negative_float,
-    non_negative_int,
     positive_float,
     positive_int,
     settings_from_args,
@@ -98,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     run = load.add_argument_group("the run")
-    run.add_argument("--guests", type=non_negative_int, default=DEFAULT_GUESTS, help="guests (default 300)")
+    run.add_argument("--guests", type=positive_int, default=DEFAULT_GUESTS, help="guests (default 300)")
     run.add_argument(
         "--concurrency",
         type=positive_int,

@@ -299,13 +299,13 @@ async def test_unreachable_discover_url_is_one_line(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--hold", "abc"], "--hold: not a number"),
-        (["--hold", "-1"], "--hold: must be a finite number >= 0"),
-        (["--attempts", "0"], "--attempts: must be >= 1"),
+        (["--hold", "abc"], "--hold: must be a finite number >= 0: 'abc'; see: anonjoin join --help"),
+        (["--hold", "-1"], "--hold: must be a finite number >= 0: '-1'"),
+        (["--attempts", "0"], "--attempts: must be a whole number >= 1: '0'"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],
 )
-def test_bad_flags_exit_2_with_usage(
+def test_bad_flags_exit_2_with_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
@@ -313,6 +313,7 @@ def test_bad_flags_exit_2_with_usage(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err
+    assert len(err.strip().splitlines()) == 1, err  # no usage block first
     assert "Traceback" not in err
 
 
