@@ -108,7 +108,7 @@ class OneLineParser(argparse.ArgumentParser):
     usage block first; exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {' '.join(message.split())}; see: {self.prog} --help\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}; see: {self.prog} --help\n")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, display_name: bool = True) -> None:

@@ -27,7 +27,7 @@ def test_a_bad_number_is_one_line_stating_the_rule(
         main(["load", *argv])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err == f"anonjoin load: {line}; see: anonjoin load --help\n"
+    assert err == f"anonjoin load: error: {line}; see: anonjoin load --help\n"
 
 
 def test_no_command_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
