@@ -358,7 +358,7 @@ async def _load(
     puts back the handlers of :func:`stop_signals_deferred` once the loop's own are removed."""
     from anonjoin._metrics import Metrics
     from anonjoin._progress import ProgressDisplay
-    from anonjoin._report import build_report
+    from anonjoin._report import build_report, plural
     from anonjoin._retry import RetryPolicy
     from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
 
@@ -439,7 +439,7 @@ async def _load(
                 "endpoint_id": t.endpoint_id,
             }
             print(
-                f"anonjoin load: {ns.guests} guests, {ns.concurrency} in flight at most, "
+                f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
                 f"over {meetings} meeting(s) of {target.label}",
                 file=sys.stderr,
                 flush=True,
@@ -499,12 +499,14 @@ def _ms(value: float | None) -> str:
 
 
 def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
+    from anonjoin._report import joins_per_s_text, plural
+
     j = report["join_latency_ms"]
     lines = [
-        f"anonjoin load: {report['guests']} guests: {report['joined']} joined, {report['failed']} failed, "
-        f"{report['ended']} ended, {report['cancelled']} cancelled "
+        f"anonjoin load: {plural(report['guests'], 'guest')}: {report['joined']} joined, "
+        f"{report['failed']} failed, {report['ended']} ended, {report['cancelled']} cancelled "
         f"(success {100 * report['success_rate']:.2f}%) in {report['duration_s']:.1f} s",
-        f"  {report['joins_per_s']:.1f} joins/s   join latency p50 {_ms(j['p50'])}  p90 {_ms(j['p90'])}  "
+        f"  {joins_per_s_text(report)} joins/s   join latency p50 {_ms(j['p50'])}  p90 {_ms(j['p90'])}  "
         f"p99 {_ms(j['p99'])}  max {_ms(j['max'])}",
         f"  rejoins {report['rejoins']}   drops {report['drops']}   "
         f"retries {sum(report['retries_by_reason'].values())}",

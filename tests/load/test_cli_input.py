@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from anonjoin._cli import main
+from anonjoin._report import MIN_RATE_PHASE_S, joins_per_s_text
+from tests.load.test_cli_load import _no_target_env
+
+__all__ = ["_no_target_env"]  # the autouse fixture: no ANONJOIN_* target, cwd is tmp_path
 
 
 @pytest.mark.parametrize(
@@ -37,3 +44,18 @@ def test_no_command_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert err.endswith("; see: anonjoin --help\n")
     assert len(err.splitlines()) == 1
+
+
+def test_a_one_guest_run_says_guest_and_gives_no_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["load", "--guests", "1", "--store", ":memory:", "--progress", "off"]) == 0
+    captured = capsys.readouterr()
+    assert "anonjoin load: 1 guest, " in captured.err
+    assert "anonjoin load: 1 guest: 1 joined" in captured.out
+    assert "  n/a joins/s " in captured.out  # one join over a few ms has no rate
+    report = json.loads((tmp_path / "anonjoin-report.json").read_text())
+    assert report["join_phase_s"] < MIN_RATE_PHASE_S
+    assert joins_per_s_text(report) == "n/a"
+    assert joins_per_s_text({"join_phase_s": 2.0, "joins_per_s": 41.04}) == "41.0"
+    assert "n/a" in (tmp_path / "anonjoin-report.html").read_text()
