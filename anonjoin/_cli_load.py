@@ -23,7 +23,9 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -263,6 +265,33 @@ def open_store(path: str | None, *, create: bool = True) -> SessionStore:
     return SqliteSessionStore(file)
 
 
+def check_store_path(path: str | None) -> None:
+    """A ``--store`` given must be writable now, not at the end of a run: its directory must exist (a typo
+    should not create one) and an existing database must accept a write. ``ConfigurationError`` (exit 2)."""
+    if path is None or path == MEMORY_STORE or "://" in path:
+        return  # the default store's directory is made on first use; a URL names another kind of store
+    file = Path(path).expanduser()
+    if not file.parent.is_dir():
+        raise ConfigurationError(
+            f"--store {path}: the directory {file.parent} does not exist (create it first)"
+        )
+    if file.is_dir():
+        raise ConfigurationError(f"--store {path}: is a directory, not a database file")
+    if not file.exists():
+        if not os.access(file.parent, os.W_OK):
+            raise ConfigurationError(f"--store {path}: cannot create a file in {file.parent} (read-only)")
+        return
+    try:
+        db = sqlite3.connect(file, timeout=1.0, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"--store {path}: cannot write to it: {exc}") from None
+
+
 def is_loopback_url(url: str | None) -> bool:
     """Whether ``url``'s host is loopback: ``localhost`` or a loopback IP literal (names are not resolved)."""
     if not url:
@@ -316,6 +345,7 @@ def _load_sync(ns: argparse.Namespace) -> int:
     from anonjoin._report_html import render_html
 
     condition, schedule = _plan_inputs(ns)
+    check_store_path(ns.store)
     # Check the report paths first: a typo should not cost a whole run.
     for path in (ns.report, None if ns.no_html else ns.html):
         if path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,33 @@ def test_a_one_guest_run_says_guest_and_gives_no_rate(
     assert joins_per_s_text(report) == "n/a"
     assert joins_per_s_text({"join_phase_s": 2.0, "joins_per_s": 41.04}) == "41.0"
     assert "n/a" in (tmp_path / "anonjoin-report.html").read_text()
+
+
+def test_store_in_a_missing_directory_is_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nonexistent" / "dir"
+    assert main(["load", "--guests", "1", "--store", str(missing / "s.db"), "--progress", "off"]) == 2
+    err = capsys.readouterr().err
+    assert f"the directory {missing} does not exist" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not missing.parent.exists()  # not created
+    assert not (tmp_path / "anonjoin-report.json").exists()  # refused before the run
+
+
+def test_store_that_cannot_be_written_is_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")  # another process writing: this run could never store a session
+        assert main(["load", "--guests", "1", "--store", str(path), "--progress", "off"]) == 2
+    finally:
+        holder.close()
+    err = capsys.readouterr().err
+    assert f"--store {path}: cannot write to it: database is locked" in err
+    assert not (tmp_path / "anonjoin-report.json").exists()
+    assert main(["load", "--guests", "1", "--store", str(tmp_path), "--progress", "off"]) == 2
+    assert "is a directory" in capsys.readouterr().err
