@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join anonymous guests into online meetings, one or thousands at once.",
     )
     parser.add_argument("--version", action="version", version=f"anonjoin {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Sub-command parsers are OneLineParsers too (argparse makes them of the parent's class).
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=OneLineParser
+    )
     sub.required = True
     for register in _registrations():
         register(sub)

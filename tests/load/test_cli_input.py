@@ -10,7 +10,8 @@ import pytest
 
 from anonjoin._cli import main
 from anonjoin._report import MIN_RATE_PHASE_S, joins_per_s_text
-from tests.load.test_cli_load import _no_target_env
+
+from .test_cli_load import _no_target_env
 
 __all__ = ["_no_target_env"]  # the autouse fixture: no ANONJOIN_* target, cwd is tmp_path
 

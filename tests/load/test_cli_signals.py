@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.load.test_cli_load import ThreadedSim, _no_target_env, threaded_sim
+from .test_cli_load import ThreadedSim, _no_target_env, threaded_sim
 
 __all__ = ["_no_target_env", "threaded_sim"]  # fixtures, used by name
 
