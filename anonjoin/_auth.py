@@ -37,6 +37,7 @@ import asyncio
 import concurrent.futures
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -441,8 +442,9 @@ class _MsalCredential:
     def _translate_exception(self, exc: BaseException) -> AuthError:
         where = redact_url(self.authority)
         if isinstance(exc, requests.exceptions.SSLError):
+            why = _ssl_reason(exc)  # the key words first: requests' own text buries them after the URL
             return AuthError(
-                f"TLS failure talking to {where} (check --ca-file): {self._scrub(str(exc), 200)}",
+                f"TLS failure talking to {where} (check --ca-file): {self._scrub(why or str(exc), 200)}",
                 error="tls_error",
             )
         if isinstance(exc, requests.exceptions.Timeout):
@@ -597,3 +599,21 @@ class CertificateCredential(_MsalCredential):
         if self._public_certificate:
             credential["public_certificate"] = self._public_certificate
         return credential
+
+
+def _ssl_reason(exc: BaseException) -> str | None:
+    """The ``ssl`` error inside requests' wrapping (``SSLError(MaxRetryError(... SSLError(...))))``), as its
+    own short text, e.g. ``certificate verify failed: self-signed certificate in certificate chain``."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo and len(seen) < 16:  # bounded: a chain is a few links deep
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {e.verify_message}" if e.verify_message else str(e)
+        if isinstance(e, ssl.SSLError) and e.reason:
+            return f"TLS error {e.reason} (is it https on this port?)"
+        todo.extend([e.__cause__, e.__context__, getattr(e, "reason", None), *e.args])
+    return None

@@ -2,7 +2,7 @@
 
 Each sub-command module offers ``register(subparsers)``, which adds its parser and sets ``run`` (a function
 of the parsed namespace returning the exit code). Errors anonjoin knows become one line on stderr; a bad
-flag is argparse's usage line and exit 2; nothing prints a traceback.
+flag is one line (what is wrong, then ``see: anonjoin CMD --help``) and exit 2; nothing prints a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from anonjoin._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    OneLineParser,
     add_log_format_argument,
     stderr_log_handler,
 )
@@ -26,12 +27,15 @@ from anonjoin._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="anonjoin",
         description="Join anonymous guests into online meetings, one or thousands at once.",
     )
     parser.add_argument("--version", action="version", version=f"anonjoin {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Sub-command parsers are OneLineParsers too (argparse makes them of the parent's class).
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=OneLineParser
+    )
     sub.required = True
     for register in _registrations():
         register(sub)

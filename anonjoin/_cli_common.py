@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from anonjoin._exceptions import redact
 
@@ -19,8 +23,51 @@ if TYPE_CHECKING:  # the settings (pydantic-settings, msal) load when a command 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_THRESHOLDS = 99  # --fail-if breached (k6's code for crossed thresholds): the run itself worked
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_HANGUP = 129
+
+# The signals that stop a run cleanly (guests leave, reports are written); the exit code is 128 + the first.
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def exit_code_for_signal(signame: str) -> int:
+    """Exit code for a run stopped by ``signame``: 128 + the signal (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+    return {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
+        signame, EXIT_INTERRUPTED
+    )
+
+
+@contextlib.contextmanager
+def stop_signals_deferred(command: str, signals: list[str]) -> Iterator[Callable[[], None]]:
+    """While the event loop's own handlers are not installed (before the run, during ``asyncio.run``'s
+    teardown, while the reports are written), a stop signal is appended to ``signals`` and announced,
+    never raised: a second Ctrl-C cannot lose the reports. Yields the function that re-installs these
+    handlers (``loop.remove_signal_handler`` resets SIGINT to raising ``KeyboardInterrupt``)."""
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        signals.append(name)
+        print(f"anonjoin {command}: {name}: already stopping; the report is written first", file=sys.stderr)
+
+    previous: dict[signal.Signals, Any] = {}
+
+    def install() -> None:
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to defer
+                before = signal.signal(sig, record)
+                previous.setdefault(sig, before)
+
+    install()
+    try:
+        yield install
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
 
 # The settings that name a deployment; given none of them, a sub-command uses the embedded simulator.
 # The secret alone does not name one.
@@ -87,38 +134,44 @@ def stderr_log_handler(log_format: str) -> logging.Handler:
     return handler
 
 
-def non_negative_float(text: str) -> float:
+def _number(text: str, kind: type[int] | type[float], rule: str, ok: Callable[[float], bool]) -> Any:
+    """One rule, one message: whatever is wrong with ``text`` (not a number, too small, not finite), the
+    error states the rule."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+        value = None
+    if value is None or not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}: {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value: float = _number(text, float, "a finite number >= 0", lambda v: v >= 0)
     return value
 
 
 def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    value: float = _number(text, float, "a finite number > 0", lambda v: v > 0)
     return value
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    value: int = _number(text, int, "a whole number >= 0", lambda v: v >= 0)
     return value
 
 
 def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    value: int = _number(text, int, "a whole number >= 1", lambda v: v >= 1)
     return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (what is wrong, then where the help is), not the
+    usage block first; exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}; see: {self.prog} --help\n")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, display_name: bool = True) -> None:

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -29,10 +29,11 @@ from anonjoin._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_TERMINATED,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
+    STOP_SIGNALS,
     add_target_arguments,
+    exit_code_for_signal,
     is_target,
     non_negative_float,
     positive_float,
@@ -40,6 +41,7 @@ from anonjoin._cli_common import (
     settings_from_args,
     simulator_settings,
     stderr_log_handler,
+    stop_signals_deferred,
 )
 from anonjoin._exceptions import (
     AnonJoinError,
@@ -186,10 +188,22 @@ def run(ns: argparse.Namespace) -> int:
     handler = _log_to_stderr(ns.log_format) if ns.verbose else logging.NullHandler()
     if not ns.verbose:
         log.addHandler(handler)
+    signals: list[str] = []
+    with stop_signals_deferred("join", signals) as reinstall:  # a late Ctrl-C cannot lose the report
+        code = _run_guarded(ns, report, signals, reinstall)
+        log.removeHandler(handler)
+        log.setLevel(level)
+        report.finish()
+    return code
+
+
+def _run_guarded(
+    ns: argparse.Namespace, report: _Report, signals: list[str], reinstall: Callable[[], None]
+) -> int:
     try:
         with warnings.catch_warnings():
             _one_line_warnings()
-            code = asyncio.run(_main_until_signalled(ns, report))
+            code = asyncio.run(_main_until_signalled(ns, report, signals, reinstall))
     except KeyboardInterrupt:
         report.outcome, report.reason = "interrupted", "interrupted"
         _error_line("interrupted: the guest left")
@@ -208,10 +222,6 @@ def run(ns: argparse.Namespace) -> int:
         report.reason = f"internal error: {type(exc).__name__}: {redact(str(exc))[:200]}"
         _error_line(report.reason)
         code = EXIT_FAILED
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-    report.finish()
     return code
 
 
@@ -250,35 +260,41 @@ def _log_to_stderr(log_format: str) -> logging.Handler:
     return handler
 
 
-async def _main_until_signalled(ns: argparse.Namespace, report: _Report) -> int:
-    """SIGTERM cancels the join like Ctrl-C does: the guest leaves and the report is still printed."""
+async def _main_until_signalled(
+    ns: argparse.Namespace, report: _Report, signals: list[str], reinstall: Callable[[], None]
+) -> int:
+    """Ctrl-C, SIGTERM and SIGHUP cancel the join: the guest leaves and the report is still printed; the exit
+    code is 128 + the first signal (130, 143, 129). A further signal cancels again (the leave is bounded)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    terminated = False
 
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
+    def on_signal(signame: str) -> None:
+        signals.append(signame)
         if task is not None:
             task.cancel()
 
-    installed = False
-    try:
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        installed = True
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-        pass
+    installed: list[signal.Signals] = []
+    for sig in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig.name)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+    if signals and task is not None:  # a signal before the loop ran
+        task.cancel()
     try:
         return await _main(ns, report)
     except asyncio.CancelledError:
-        if not terminated:
+        if not signals:
             raise
-        report.outcome, report.reason = "interrupted", "terminated (SIGTERM)"
-        _error_line("terminated (SIGTERM): the guest left")
-        return EXIT_TERMINATED
+        what = "interrupted" if signals[0] == "SIGINT" else f"terminated ({signals[0]})"
+        report.outcome, report.reason = "interrupted", what
+        _error_line(f"{what}: the guest left")
+        return exit_code_for_signal(signals[0])
     finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGTERM)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        reinstall()
 
 
 async def _main(ns: argparse.Namespace, report: _Report) -> int:

@@ -4,8 +4,10 @@
 ``--config``) starts the embedded simulator (with ``--faults``) and loads it; with a target it loads that
 deployment (more than 50 guests against a host that is not loopback needs ``--i-own-this-service``). It
 shows live progress, writes ``anonjoin-report.json`` and ``anonjoin-report.html`` (or ``--report`` /
-``--html``), and exits 0; 1 when ``--fail-if`` is breached or no guest joined; 2 for a bad flag or setting;
-130 when interrupted (Ctrl-C / SIGTERM: arrivals stop, joined guests leave, the report is still written).
+``--html``), and exits 0; 99 when ``--fail-if`` is breached (the run worked, a threshold did not: k6's
+code); 1 when no guest joined or the run failed; 2 for a bad flag or setting;
+130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP (128 + the signal; in each case arrivals stop, joined guests
+leave and the report is still written).
 
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -39,17 +42,20 @@ from anonjoin._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_THRESHOLDS,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
+    STOP_SIGNALS,
     add_target_arguments,
+    exit_code_for_signal,
     is_target,
     non_negative_float,
-    non_negative_int,
     positive_float,
     positive_int,
     settings_from_args,
     simulator_settings,
     stderr_log_handler,
+    stop_signals_deferred,
 )
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
 
@@ -95,9 +101,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "joined, then left; live progress; a JSON and an HTML report. With no target, the embedded "
             "simulator is started (with --faults) and loaded."
         ),
+        epilog=(
+            "exit codes: 0 ok; 1 the run failed (no guest joined, a service error); 2 bad input; "
+            "99 --fail-if breached; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (guests leave, reports written)"
+        ),
     )
     run = load.add_argument_group("the run")
-    run.add_argument("--guests", type=non_negative_int, default=DEFAULT_GUESTS, help="guests (default 300)")
+    run.add_argument("--guests", type=positive_int, default=DEFAULT_GUESTS, help="guests (default 300)")
     run.add_argument(
         "--concurrency",
         type=positive_int,
@@ -164,7 +174,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     out.add_argument(
         "--fail-if",
         metavar="EXPR",
-        help='exit 1 when this holds, e.g. "success_rate<0.99 or p95(join)>2s"',
+        help='exit 99 when this holds, e.g. "success_rate<99%% or p95(join)>2s" (a rate is 0..1 or N%%)',
     )
     out.add_argument(
         "--progress", choices=("auto", "bar", "plain", "off"), default="auto", help="progress display"
@@ -303,6 +313,33 @@ def lease_for(store: SessionStore) -> float | None:
     return None if isinstance(store, MemorySessionStore) else DEFAULT_LEASE_S
 
 
+def check_store_path(path: str | None) -> None:
+    """A ``--store`` given must be writable now, not at the end of a run: its directory must exist (a typo
+    should not create one) and an existing database must accept a write. ``ConfigurationError`` (exit 2)."""
+    if path is None or path == MEMORY_STORE or "://" in path:
+        return  # the default store's directory is made on first use; a URL names another kind of store
+    file = Path(path).expanduser()
+    if not file.parent.is_dir():
+        raise ConfigurationError(
+            f"--store {path}: the directory {file.parent} does not exist (create it first)"
+        )
+    if file.is_dir():
+        raise ConfigurationError(f"--store {path}: is a directory, not a database file")
+    if not file.exists():
+        if not os.access(file.parent, os.W_OK):
+            raise ConfigurationError(f"--store {path}: cannot create a file in {file.parent} (read-only)")
+        return
+    try:
+        db = sqlite3.connect(file, timeout=1.0, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"--store {path}: cannot write to it: {exc}") from None
+
+
 def is_loopback_url(url: str | None) -> bool:
     """Whether ``url``'s host is loopback: ``localhost`` or a loopback IP literal (names are not resolved)."""
     if not url:
@@ -366,6 +403,7 @@ def _load_sync(ns: argparse.Namespace) -> int:
     from anonjoin._report_html import render_html
 
     condition, schedule = _plan_inputs(ns)
+    check_store_path(ns.store)
     # Check the report paths first: a typo should not cost a whole run.
     for path in (ns.report, None if ns.no_html else ns.html):
         if path:
@@ -374,16 +412,18 @@ def _load_sync(ns: argparse.Namespace) -> int:
                 parent = parent.parent  # missing directories are made when the report is written
             if not parent.is_dir():
                 raise ConfigurationError(f"cannot write the report {path}: {parent} is not a directory")
-    report = asyncio.run(_load(ns, condition, schedule))
-    written = [str(write_json(Path(ns.report).expanduser(), report))]
-    if not ns.no_html:
-        written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
-    _print_summary(report, written)
-    if report["interrupted"]:
-        return EXIT_INTERRUPTED
+    signals: list[str] = []
+    with stop_signals_deferred("load", signals) as reinstall:
+        report = asyncio.run(_load(ns, condition, schedule, signals, reinstall))
+        written = [str(write_json(Path(ns.report).expanduser(), report))]
+        if not ns.no_html:
+            written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
+        _print_summary(report, written)
+    if report["interrupted"] or signals:
+        return exit_code_for_signal(signals[0]) if signals else EXIT_INTERRUPTED
     if report["fail_if"] and report["fail_if"]["breached"]:
         _error_line("load", f"--fail-if breached: {report['fail_if']['detail']}")
-        return EXIT_FAILED
+        return EXIT_THRESHOLDS
     if report["guests"] and not report["joined"]:
         _error_line("load", "no guest joined")
         return EXIT_FAILED
@@ -394,15 +434,19 @@ def _plan_inputs(ns: argparse.Namespace) -> tuple[Any, Any]:
     from anonjoin._report import parse_fail_if
     from anonjoin._runner import ConstantRate, parse_ramp
 
-    condition = parse_fail_if(ns.fail_if) if ns.fail_if else None
+    condition = parse_fail_if(ns.fail_if) if ns.fail_if is not None else None
     schedule = ConstantRate(ns.rate) if ns.rate else parse_ramp(ns.ramp) if ns.ramp else None
     return condition, schedule
 
 
-async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[str, Any]:
+async def _load(
+    ns: argparse.Namespace, condition: Any, schedule: Any, signals: list[str], reinstall: Callable[[], None]
+) -> dict[str, Any]:
+    """``signals`` receives the names of the signals that stopped the run, first one first; ``reinstall``
+    puts back the handlers of :func:`stop_signals_deferred` once the loop's own are removed."""
     from anonjoin._metrics import Metrics
     from anonjoin._progress import ProgressDisplay
-    from anonjoin._report import build_report
+    from anonjoin._report import build_report, plural
     from anonjoin._retry import RetryPolicy
     from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
 
@@ -413,10 +457,11 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
         _judge_hosts(ns.guests, (settings.discover_url, settings.authority))
     store = await open_store_ready(ns.store)
     loop = asyncio.get_running_loop()
-    state: dict[str, Any] = {"runner": None, "signals": 0}
+    state: dict[str, Any] = {"runner": None, "signals": len(signals)}
 
     def on_signal(signame: str) -> None:
         state["signals"] += 1
+        signals.append(signame)
         runner: LoadRunner | None = state["runner"]
         if state["signals"] == 1:
             print(
@@ -431,7 +476,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
             runner.cancel()
 
     installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, on_signal, sig.name)
             installed.append(sig)
@@ -478,7 +523,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
                 "endpoint_id": t.endpoint_id,
             }
             print(
-                f"anonjoin load: {ns.guests} guests, {ns.concurrency} in flight at most, "
+                f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
                 f"over {meetings} meeting(s) of {target.label}",
                 file=sys.stderr,
                 flush=True,
@@ -512,6 +557,7 @@ async def _load(ns: argparse.Namespace, condition: Any, schedule: Any) -> dict[s
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        reinstall()
         await store.aclose()
 
     return build_report(
@@ -539,12 +585,14 @@ def _ms(value: float | None) -> str:
 
 
 def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
+    from anonjoin._report import joins_per_s_text, plural
+
     j = report["join_latency_ms"]
     lines = [
-        f"anonjoin load: {report['guests']} guests: {report['joined']} joined, {report['failed']} failed, "
-        f"{report['ended']} ended, {report['cancelled']} cancelled "
+        f"anonjoin load: {plural(report['guests'], 'guest')}: {report['joined']} joined, "
+        f"{report['failed']} failed, {report['ended']} ended, {report['cancelled']} cancelled "
         f"(success {100 * report['success_rate']:.2f}%) in {report['duration_s']:.1f} s",
-        f"  {report['joins_per_s']:.1f} joins/s   join latency p50 {_ms(j['p50'])}  p90 {_ms(j['p90'])}  "
+        f"  {joins_per_s_text(report)} joins/s   join latency p50 {_ms(j['p50'])}  p90 {_ms(j['p90'])}  "
         f"p99 {_ms(j['p99'])}  max {_ms(j['max'])}",
         f"  rejoins {report['rejoins']}   drops {report['drops']}   "
         f"retries {sum(report['retries_by_reason'].values())}",

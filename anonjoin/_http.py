@@ -288,8 +288,11 @@ class HttpClient:
                 except (ServiceError, ProtocolError):
                     raise
                 except aiohttp.ClientConnectorCertificateError as exc:  # retrying will not fix it
+                    cert = exc.certificate_error
+                    detail = getattr(cert, "verify_message", None) or cert  # lead with what to do, then why
                     raise RequestNotSentError(
-                        f"TLS certificate not trusted: {exc.certificate_error}",
+                        "TLS certificate not trusted (check --ca-file: it must hold the CA that signed "
+                        f"the server's certificate): {detail}",
                         step=step,
                         url=target,
                         final=True,

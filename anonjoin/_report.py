@@ -266,6 +266,22 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 # -- --fail-if ---------------------------------------------------------------------------
 
+MIN_RATE_PHASE_S = 1.0
+"""A join phase shorter than this has no meaningful rate (one guest over 12 ms is not "79.2 joins/s")."""
+
+
+def joins_per_s_text(report: Mapping[str, Any]) -> str:
+    """``joins_per_s`` for people: ``"12.3"``, or ``"n/a"`` when the join phase was too short to rate."""
+    if float(report.get("join_phase_s") or 0.0) < MIN_RATE_PHASE_S:
+        return "n/a"
+    return f"{float(report.get('joins_per_s') or 0.0):.1f}"
+
+
+def plural(n: int, word: str) -> str:
+    """``1 guest``, ``2 guests``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 Dim = Literal["ratio", "count", "rate", "time"]
 
 _METRICS: dict[str, Dim] = {
@@ -607,6 +623,11 @@ class _Parser:
             self.fail(f"{named.text} is a time and cannot compare with {other.text!r}")
         if named.dim == "ratio":
             if isinstance(other, _Num) and other.dim is None:
+                if not 0.0 <= other.value <= 1.0:
+                    self.fail(
+                        f"{named.text} is a ratio from 0 to 1: write {other.value / 100:g} or {other.text}%, "
+                        f"not {other.text!r}"
+                    )
                 return
             self.fail(
                 f"{named.text} is a ratio (0..1 or a percentage) and cannot compare with {other.text!r}"

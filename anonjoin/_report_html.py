@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from anonjoin._report import joins_per_s_text
+
 __all__ = ["render_html"]
 
 # A colour-blind-safe palette (Okabe-Ito).
@@ -492,7 +494,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         _card("failed", f"{failed:,}", "bad" if failed else ""),
         *([_card("meeting ended", f"{ended:,}")] if ended else []),
         _card("success rate", f"{100 * rate:.2f}%", "ok" if rate >= 0.999 else "bad"),
-        _card("joins / s", f"{float(report.get('joins_per_s') or 0):.1f}"),
+        _card("joins / s", joins_per_s_text(report)),
         _card("join p50", _fmt_ms(join.get("p50"))),
         _card("join p99", _fmt_ms(join.get("p99"))),
         _card("join max", _fmt_ms(join.get("max"))),

@@ -195,7 +195,8 @@ class RateFunction:
 def parse_ramp(spec: str) -> ArrivalSchedule:
     """``A..B/T`` (linear from A to B guests/s over T seconds) or ``R1:T1,R2:T2,...,Rn`` (steps).
 
-    Durations take an optional ``s`` suffix. Examples: ``10..200/30s``; ``20:10s,50:10s,100``.
+    Durations are seconds, or take an ``s``, ``m`` or ``h`` suffix. Examples: ``10..200/30s``;
+    ``10..20/2m``; ``20:10s,50:10s,100``.
     """
     text = spec.strip().replace(" ", "")
     try:
@@ -227,10 +228,19 @@ def parse_ramp(spec: str) -> ArrivalSchedule:
         ) from None
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
 def _seconds(text: str) -> float:
-    value = float(text.removesuffix("s"))
+    """``30``, ``30s``, ``2m``, ``1.5h`` in seconds; a bad or non-positive duration is a ``ValueError``."""
+    unit = text[-1:].lower()
+    scale = _DURATION_UNITS.get(unit)
+    try:
+        value = float(text[:-1] if scale else text) * (scale or 1.0)
+    except ValueError:
+        value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"duration {text!r} must be > 0")
+        raise ValueError(f"duration {text!r} must be a number > 0, in seconds or with s, m or h")
     return value
 
 

@@ -300,13 +300,13 @@ async def test_unreachable_discover_url_is_one_line(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--hold", "abc"], "--hold: not a number"),
-        (["--hold", "-1"], "--hold: must be a finite number >= 0"),
-        (["--attempts", "0"], "--attempts: must be >= 1"),
+        (["--hold", "abc"], "--hold: must be a finite number >= 0: 'abc'; see: anonjoin join --help"),
+        (["--hold", "-1"], "--hold: must be a finite number >= 0: '-1'"),
+        (["--attempts", "0"], "--attempts: must be a whole number >= 1: '0'"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],
 )
-def test_bad_flags_exit_2_with_usage(
+def test_bad_flags_exit_2_with_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
@@ -314,6 +314,7 @@ def test_bad_flags_exit_2_with_usage(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err
+    assert len(err.strip().splitlines()) == 1, err  # no usage block first
     assert "Traceback" not in err
 
 
@@ -379,7 +380,7 @@ async def test_as_a_subprocess() -> None:
     assert b"Traceback" not in err
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 async def test_signal_during_hold_leaves_and_reports(sim: Simulator, sig: signal.Signals, code: int) -> None:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANONJOIN_")}
     proc = await asyncio.create_subprocess_exec(
@@ -387,14 +388,19 @@ async def test_signal_during_hold_leaves_and_reports(sim: Simulator, sig: signal
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     assert proc.stdout is not None
-    async with asyncio.timeout(60):
-        while not (line := (await proc.stdout.readline()).decode()).startswith("holding"):
-            if not line:
-                _, err = await proc.communicate()
-                pytest.fail(f"the CLI ended before holding: {err.decode()[-2000:]}")
-        (asi,) = sim.snapshot()["meetings"][sim.info.conference_id]["roster"]
-        proc.send_signal(sig)
-        _out, err = await proc.communicate()
+    try:
+        async with asyncio.timeout(60):
+            while not (line := (await proc.stdout.readline()).decode()).startswith("holding"):
+                if not line:
+                    _, err = await proc.communicate()
+                    pytest.fail(f"the CLI ended before holding: {err.decode()[-2000:]}")
+            (asi,) = sim.snapshot()["meetings"][sim.info.conference_id]["roster"]
+            proc.send_signal(sig)
+            _out, err = await proc.communicate()
+    finally:  # a CLI that hangs fails this test; left running, it would hang the simulator's teardown
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == code, err.decode()
     assert b"Traceback" not in err
     assert len(err.decode().strip().splitlines()) == 1, err.decode()

@@ -106,13 +106,13 @@ def test_default_report_files_in_the_cwd(tmp_path: Path, capsys: pytest.CaptureF
     assert (tmp_path / "state" / "anonjoin" / "sessions.db").is_file()  # the default store
 
 
-def test_fail_if_breach_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fail_if_breach_exits_99(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         ["load", "--guests", "5", "--hold", "0", "--progress", "off", "--store", ":memory:",
          "--fail-if", "joined < 1000 or p99(join) > 10s", "--no-html"]
     )  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 99
     assert "--fail-if breached: joined=5 < 1000" in err
     report = json.loads((tmp_path / "anonjoin-report.json").read_text())
     assert report["fail_if"]["breached"] is True
@@ -123,6 +123,8 @@ def test_fail_if_breach_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[st
     ("argv", "message"),
     [
         (["--fail-if", "p95(join) > 2000"], "give '2000' a unit"),
+        (["--fail-if", ""], "--fail-if: the expression is empty"),
+        (["--fail-if", "success_rate < 99"], "write 0.99 or 99%"),
         (["--ramp", "fast"], "--ramp 'fast'"),
         (["--faults", "nope"], "unknown fault profile"),
         (["--report", "/dev/null/sub/r.json"], "is not a directory"),

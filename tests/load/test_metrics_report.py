@@ -195,6 +195,8 @@ def test_fail_if_evaluates(expr: str, breached: bool) -> None:
         ("p95(join) > 2000", "give '2000' a unit"),
         ("joined > 2s", "cannot compare"),
         ("success_rate < 2s", "ratio"),
+        ("success_rate < 99", "a ratio from 0 to 1: write 0.99 or 99%, not '99'"),
+        ("1.5 > success_rate", "a ratio from 0 to 1"),
         ("p95(nope) > 1s", "unknown latency 'nope'"),
         ("latency > 1s", "unknown metric 'latency'"),
         ("p95 > 1s", "needs a target"),

@@ -55,8 +55,9 @@ def test_rate_function() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "first"),
-    [("10..200/30s", LinearRamp(10, 200, 30)), ("0..50/5", LinearRamp(0, 50, 5)), ("20:10s,50:10,100", None)],
-)
+    [("10..200/30s", LinearRamp(10, 200, 30)), ("0..50/5", LinearRamp(0, 50, 5)), ("20:10s,50:10,100", None),
+     ("10..20/2m", LinearRamp(10, 20, 120)), ("1..2/0.5h", LinearRamp(1, 2, 1800))],
+)  # fmt: skip
 def test_parse_ramp(spec: str, first: object) -> None:
     schedule = parse_ramp(spec)
     if first is not None:
@@ -65,7 +66,10 @@ def test_parse_ramp(spec: str, first: object) -> None:
         assert schedule == Steps(((20, 10), (50, 10), (100, 1)))
 
 
-@pytest.mark.parametrize("spec", ["", "fast", "10..20", "10..x/5", "20:0,5", "20,50", "5..0/3", "0:5"])
+@pytest.mark.parametrize(
+    "spec",
+    ["", "fast", "10..20", "10..x/5", "20:0,5", "20,50", "5..0/3", "0:5", "1..2/3d", "1..2/m", "1..2/-1h"],
+)  # fmt: skip
 def test_parse_ramp_rejects(spec: str) -> None:
     with pytest.raises(ConfigurationError, match="--ramp"):
         parse_ramp(spec)
