@@ -6,7 +6,8 @@ Rules:
 - Verification checks the signature with RS256 only (``none``, HS256 and every other algorithm are
   refused), then ``exp``/``nbf`` against the simulator's injectable clock with a small leeway.
 - Verification results are cached by token string (``TokenVerifier``), so a guest that polls 1,000 times
-  costs one RSA verification (a refused token is not cached: its text is the client's); the cache is a plain dict that is cleared when it grows past its cap.
+  costs one RSA verification (a refused token is not cached: its text is the client's); the cache is a
+  plain dict that is cleared when it grows past its cap.
   ``exp``/``nbf`` are checked against the clock on every use, cached or not.
 - A token the simulator mints through ``TokenVerifier.issue`` goes into that cache as it is signed: its
   claims are known, so the guest's first request costs no RSA verification either. Only that exact string

@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import ssl
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ async def test_hostile_requests_get_4xx_quietly_and_leave_nothing_behind(
         for i in range(ROUNDS):
             psat = {"Authorization": f"Bearer {_forged_psat(i)}"}
             asi_body = {"applicationSessionId": f"hostile-{i:05d}", "allowedOrigins": sim.info.origin}
-            calls = [
+            calls: list[tuple[str, str, str, dict[str, Any]]] = [
                 ("forged_psat", "POST", main + "/ucwa/psanon/v1/applications", {"headers": psat, "json": {}}),
                 ("forged_gid", "GET", main + f"/ucwa/psanon/v1/applications/g{i}/events", {"headers": psat}),
                 ("bad_aad", "POST", tokens_url, {"headers": {"Authorization": "Bearer x"}, "json": asi_body}),
