@@ -193,7 +193,8 @@ async def dispatch(core: Core, listener: str, request: web.BaseRequest) -> web.S
     else:
         response = await _run(core, call, handler)
     gid = params.get("gid")
-    core.record(name, response.status, call.asi, response, gid.lower() if gid is not None else None)
+    app = gid.lower() if gid is not None else None
+    core.record(name, response.status, call.asi, response, app, injected=fault is not None)
     if fault is None and call.asi is not None and call.asi not in core.guests:
         core.injector.forget(name, call.asi)  # a failed request of an unknown guest leaves nothing behind
     return response

@@ -160,12 +160,16 @@ class Core:
         asi: str | None,
         response: web.StreamResponse | None,
         app: str | None = None,
+        *,
+        injected: bool = False,
     ) -> None:
         """Count a request; for a known guest, append it to its timeline (``app``: the psanon application
         the request addressed, for the routes under one application).
 
         A request that failed with 401/403/404 never creates a timeline for an ``asi`` not seen before (its
-        ``asi`` is whatever the client claimed), and there are at most ``GUEST_TIMELINES_CAP`` timelines."""
+        ``asi`` is whatever the client claimed), unless the simulator itself chose that answer (``injected``:
+        a fault, such as an InvalidToken burst on a guest's first mint, is part of that guest's story). There
+        are at most ``GUEST_TIMELINES_CAP`` timelines."""
         by_status = self.requests.setdefault(route, {})
         key = str(status)
         by_status[key] = by_status.get(key, 0) + 1
@@ -174,7 +178,7 @@ class Core:
         guests = self.guests
         timeline = guests.get(asi)
         if timeline is None:
-            if status in _NO_NEW_TIMELINE:
+            if status in _NO_NEW_TIMELINE and not injected:
                 return
             if len(guests) >= GUEST_TIMELINES_CAP:
                 del guests[next(iter(guests))]
