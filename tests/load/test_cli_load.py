@@ -20,14 +20,7 @@ from anonjoin._cli import main
 from anonjoin._exceptions import ConfigurationError
 from anonjoin.simulator import Simulator, SimulatorConfig
 
-
-@pytest.fixture(autouse=True)
-def _no_target_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("ANONJOIN_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("no_target_env")
 
 
 class ThreadedSim:

@@ -23,13 +23,7 @@ from ._redis import RedisServer, _free_port, start_redis
 SECRET = "s3cret-pw-" + uuid.uuid4().hex[:6]
 
 
-@pytest.fixture(autouse=True)
-def _no_target_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("ANONJOIN_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("no_target_env")
 
 
 def _flags(sim: Simulator) -> list[str]:
