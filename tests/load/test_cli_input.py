@@ -11,9 +11,7 @@ import pytest
 from anonjoin._cli import main
 from anonjoin._report import MIN_RATE_PHASE_S, joins_per_s_text
 
-from .test_cli_load import _no_target_env
-
-__all__ = ["_no_target_env"]  # the autouse fixture: no ANONJOIN_* target, cwd is tmp_path
+pytestmark = pytest.mark.usefixtures("no_target_env")  # no ANONJOIN_* target; cwd is tmp_path
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli_load import ThreadedSim, _no_target_env, threaded_sim
+from .test_cli_load import ThreadedSim, threaded_sim
 
-__all__ = ["_no_target_env", "threaded_sim"]  # fixtures, used by name
+__all__ = ["threaded_sim"]  # a fixture, used by name
+pytestmark = pytest.mark.usefixtures("no_target_env")  # no ANONJOIN_* target; cwd is tmp_path
 
 GUESTS = 5
 
