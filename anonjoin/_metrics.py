@@ -25,8 +25,8 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 from hdrh.histogram import HdrHistogram
 
@@ -80,6 +80,23 @@ class LatencyHistogram:
 
     def mean_ms(self) -> float | None:
         return self._sum_us / self.count / 1000.0 if self.count else None
+
+    def encode(self) -> dict[str, Any]:
+        """JSON-ready data that :meth:`add_encoded` adds back exactly (hdrh's own encoding)."""
+        return {"hdr": self._h.encode().decode("ascii") if self.count else None, "sum_us": self._sum_us}
+
+    def add_encoded(self, data: Mapping[str, Any]) -> None:
+        """Add a histogram of :meth:`encode` into this one: every count at every index adds exactly."""
+        blob = data.get("hdr")
+        if blob:
+            before = self._h.get_total_count()
+            self._h.decode_and_add(str(blob).encode("ascii"))
+            self.count += self._h.get_total_count() - before
+        self._sum_us += int(data.get("sum_us", 0))
+
+    def equals(self, other: LatencyHistogram) -> bool:
+        """Same counts at every index (and the same running sum)."""
+        return self.count == other.count and self._sum_us == other._sum_us and bool(self._h.equals(other._h))
 
     def summary(self, percentiles: Iterable[float] = (50, 90, 99)) -> dict[str, float | int | None]:
         out: dict[str, float | int | None] = {"count": self.count}
@@ -173,6 +190,8 @@ class Metrics:
         """Outcome records refused by a lease fence (another instance took the guest)."""
         self._joined_now: set[str] = set()
         self._in_lobby: set[str] = set()
+        self._joined_now_added = 0  # from merged shard states (their guests are not in the sets)
+        self._in_lobby_added = 0
         self.seconds: list[SecondBucket] = []
         self.scatter: list[tuple[float, float]] = []
         self._scatter_cap = scatter_samples
@@ -378,8 +397,8 @@ class Metrics:
             in_flight=self.in_flight,
             joined=self.first_joins,
             join_failures=self.join_failures,
-            joined_now=len(self._joined_now),
-            in_lobby=len(self._in_lobby),
+            joined_now=self.joined_now,
+            in_lobby=self.in_lobby,
             failed=self.outcomes["failed"],
             ended=self.outcomes["ended"],
             cancelled=self.outcomes["cancelled"],
@@ -391,11 +410,127 @@ class Metrics:
 
     @property
     def joined_now(self) -> int:
-        return len(self._joined_now)
+        return len(self._joined_now) + self._joined_now_added
 
     @property
     def in_lobby(self) -> int:
-        return len(self._in_lobby)
+        return len(self._in_lobby) + self._in_lobby_added
+
+    # -- shard states: what one shard measured, added up exactly -----------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything measured, as JSON-ready data: :meth:`add_state` adds it into another ``Metrics``.
+
+        Histograms travel in hdrh's own encoding (exact); times are seconds since :meth:`start` (for a
+        shard, since the run's common ``start_at``), so the per-second buckets of shards line up.
+        """
+        return {
+            "version": STATE_VERSION,
+            "counters": {name: getattr(self, name) for name in _STATE_COUNTERS},
+            "duration_s": self.duration_s,
+            "last_join_s": self.last_join_s,
+            "joined_now": self.joined_now,
+            "in_lobby": self.in_lobby,
+            "step_errors": dict(self.step_errors),
+            "outcomes": dict(self.outcomes),
+            "failures_by_reason": dict(self.failures_by_reason),
+            "drops_by_reason": dict(self.drops_by_reason),
+            "retries": [[step, reason, n] for (step, reason), n in sorted(self.retries.items())],
+            "histograms": {name: self.target_or_new(name).encode() for name in _FIXED_HISTOGRAMS},
+            "steps": {name: hist.encode() for name, hist in sorted(self.steps.items())},
+            "seconds": [dataclasses.astuple(b) for b in self.seconds],
+            "scatter": [list(p) for p in self.scatter],
+            "scatter_seen": self._scatter_seen,
+        }
+
+    def add_state(self, state: Mapping[str, Any]) -> None:
+        """Add one shard's :meth:`to_state` into these metrics: counts, histograms and buckets add exactly.
+
+        The duration is the longest of the shards' (they share one start). The scatter sample stays a
+        bounded sample: each shard keeps a share of it in proportion to the joins it sampled from.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"metrics state version {state.get('version')!r}, expected {STATE_VERSION}")
+        for name, value in state["counters"].items():
+            if name in _STATE_COUNTERS:
+                setattr(self, name, getattr(self, name) + int(value))
+        self._joined_now_added += int(state["joined_now"])
+        self._in_lobby_added += int(state["in_lobby"])
+        self.last_join_s = max(self.last_join_s, float(state["last_join_s"]))
+        end = self.t0 + max(self.duration_s, float(state["duration_s"]))
+        self.t_end = end if self.t_end is None or end > self.t_end else self.t_end
+        self.step_errors.update(state["step_errors"])
+        self.outcomes.update(state["outcomes"])
+        self.failures_by_reason.update(state["failures_by_reason"])
+        self.drops_by_reason.update(state["drops_by_reason"])
+        for step, reason, n in state["retries"]:
+            self.retries[(step, reason)] += int(n)
+        for name, data in state["histograms"].items():
+            if name in _FIXED_HISTOGRAMS:
+                self.target_or_new(name).add_encoded(data)
+        for name, data in state["steps"].items():
+            self.target_or_new(name).add_encoded(data)
+        seconds = self.seconds
+        for i, row in enumerate(state["seconds"]):
+            while len(seconds) <= i:
+                seconds.append(SecondBucket())
+            b = seconds[i]
+            joins, failures, rejoins, retries, drops, ms_sum, ms_max = row
+            b.joins += joins
+            b.failures += failures
+            b.rejoins += rejoins
+            b.retries += retries
+            b.drops += drops
+            b.join_ms_sum += ms_sum
+            b.join_ms_max = max(b.join_ms_max, ms_max)
+        self._merge_scatter([(float(t), float(ms)) for t, ms in state["scatter"]], int(state["scatter_seen"]))
+
+    def _merge_scatter(self, points: Sequence[tuple[float, float]], seen: int) -> None:
+        total = self._scatter_seen + seen
+        pooled = self.scatter + list(points)
+        if len(pooled) > self._scatter_cap and total:
+            # Each side keeps points in proportion to the joins it sampled from (seeded: reproducible).
+            mine = round(self._scatter_cap * self._scatter_seen / total)
+            mine = min(mine, len(self.scatter))
+            theirs = min(self._scatter_cap - mine, len(points))
+            mine = min(self._scatter_cap - theirs, len(self.scatter))
+            pooled = self._rng.sample(self.scatter, mine) + self._rng.sample(list(points), theirs)
+        self.scatter = pooled
+        self._scatter_seen = total
+
+    def target_or_new(self, name: str) -> LatencyHistogram:
+        """The histogram called ``name`` (see :meth:`target`), made empty if it is a step not yet seen."""
+        hist = self.target(name)
+        if hist is None:
+            hist = self.steps[name] = LatencyHistogram()
+        return hist
+
+    @classmethod
+    def merged(cls, states: Iterable[Mapping[str, Any]], *, seed: int = 0) -> Metrics:
+        """One ``Metrics`` holding the sum of ``states`` (shards' :meth:`to_state`), finished."""
+        m = cls(seed=seed)
+        m.t_end = m.t0
+        for state in states:
+            m.add_state(state)
+        return m
+
+
+STATE_VERSION = 1
+_STATE_COUNTERS = (
+    "guests",
+    "arrived",
+    "in_flight",
+    "first_joins",
+    "join_failures",
+    "rejoins",
+    "rejoin_attempts",
+    "drops",
+    "leave_errors",
+    "store_writes_late",
+    "store_writes_lost",
+    "store_writes_fenced",
+)
+_FIXED_HISTOGRAMS = ("join", "lobby", "queue", "rejoin")
 
 
 def percentile_ms(hist: LatencyHistogram | None, q: float) -> float:

@@ -66,10 +66,12 @@ __all__ = [
     "LoadResult",
     "LoadRunner",
     "RateFunction",
+    "Shard",
     "Steps",
     "check_against_service",
     "conference_of",
     "failure_reason",
+    "guest_id_of",
     "parse_ramp",
     "pool_size",
     "run_load",
@@ -247,6 +249,52 @@ def _seconds(text: str) -> float:
 # -- the plan and the result -----------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count``: the guests ``n`` (numbered from 1) with ``(n - 1) % count == index``.
+
+    The shards of one plan are disjoint and together hold every guest; each guest keeps its global id,
+    meeting and arrival time, so the shards of a plan run together are the plan run in one process.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ConfigurationError(
+                f"shard {self.index}/{self.count}: need a count >= 1 and 0 <= index < count"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``K/S`` (K from 0): ``0/4`` is the first of four shards."""
+        k, sep, n = text.strip().partition("/")
+        try:
+            if not sep:
+                raise ValueError
+            return cls(int(k), int(n))
+        except ValueError:
+            raise ConfigurationError(
+                f"--shard {text!r}: write K/S, the shard's index from 0 and the number of shards (0/2, 1/2)"
+            ) from None
+
+    def owns(self, n: int) -> bool:
+        return (n - 1) % self.count == self.index
+
+    def numbers(self, guests: int) -> range:
+        """The guest numbers (from 1) this shard owns, in order."""
+        return range(self.index + 1, guests + 1, self.count)
+
+    def concurrency(self, total: int) -> int:
+        """This shard's part of ``total`` join slots: floor or ceil of total/count, summing to ``total``."""
+        base, extra = divmod(total, self.count)
+        return base + (1 if self.index < extra else 0)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadPlan:
     """What to run. ``display_name`` may contain ``{n}`` (the guest's number, from 1)."""
@@ -260,23 +308,39 @@ class LoadPlan:
     display_name: str = "anonjoin guest {n}"
     guest_prefix: str = "guest-"
     lobby_timeout_s: float | None = None
+    shard: Shard = Shard()
+    """The slice of the plan this runner runs; ``guests`` and ``concurrency`` stay the whole plan's."""
 
     def __post_init__(self) -> None:
         if self.guests < 0:
             raise ConfigurationError("guests must be >= 0")
         if self.concurrency < 1:
             raise ConfigurationError("concurrency must be >= 1")
+        if self.concurrency < self.shard.count:
+            raise ConfigurationError(
+                f"{self.shard.count} shards need a concurrency of at least {self.shard.count} "
+                f"(one join slot each), got {self.concurrency}"
+            )
         if not self.meeting_urls:
             raise ConfigurationError("at least one meeting URL is needed")
         if self.hold_s < 0 or not math.isfinite(self.hold_s):
             raise ConfigurationError("hold must be a finite number of seconds >= 0")
 
     def guest_id(self, n: int) -> str:
-        width = max(4, len(str(self.guests)))
-        return f"{self.guest_prefix}{n:0{width}d}"
+        return guest_id_of(self.guest_prefix, self.guests, n)
 
     def name(self, n: int) -> str:
         return self.display_name.replace("{n}", str(n))
+
+    @property
+    def shard_guests(self) -> int:
+        """How many guests this plan's shard owns."""
+        return len(self.shard.numbers(self.guests))
+
+    @property
+    def shard_concurrency(self) -> int:
+        """This shard's join slots (the whole concurrency for an unsharded plan)."""
+        return self.shard.concurrency(self.concurrency)
 
 
 @dataclasses.dataclass
@@ -289,6 +353,12 @@ class LoadResult:
     interrupted: bool
     warnings: list[str] = dataclasses.field(default_factory=list)
     """Problems that did not stop the run (the store could not record the outcomes, for example)."""
+
+
+def guest_id_of(prefix: str, guests: int, n: int) -> str:
+    """Guest ``n``'s id in a plan of ``guests`` guests: ``guest-0001`` (zero-padded to at least 4 digits)."""
+    width = max(4, len(str(guests)))
+    return f"{prefix}{n:0{width}d}"
 
 
 def pool_size(concurrency: int) -> int:
@@ -368,12 +438,17 @@ class LoadRunner:
         metrics: Metrics | None = None,
         store: SessionStore | None = None,
         lease_s: float | None = None,
+        start_at: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
+        self.start_at = start_at
+        """Wall-clock time (Unix seconds) of the first arrival: the common start of a sharded run."""
+        self._wall = wall_clock
         self.plan = plan
-        self.metrics = metrics if metrics is not None else Metrics(guests=plan.guests)
-        self.metrics.guests = plan.guests
+        self.metrics = metrics if metrics is not None else Metrics(guests=plan.shard_guests)
+        self.metrics.guests = plan.shard_guests
         self.store: SessionStore = store if store is not None else MemorySessionStore()
         self.lease_s = lease_s
         self._clock = clock
@@ -420,11 +495,11 @@ class LoadRunner:
         self._stop = loop.create_future()
         if self._interrupted:
             self._stop.set_result(None)
-        started_at = time.time()
+        started_at = self.start_at if self.start_at is not None else time.time()
         plan = self.plan
         late_before: int = getattr(self.store, "writes_late", 0)
         self._slots = await self._assign()
-        slots = self._join_slots = _JoinSlots(plan.concurrency)
+        slots = self._join_slots = _JoinSlots(plan.shard_concurrency)
         if self._interrupted:
             slots.stop()
         tasks: set[asyncio.Task[None]] = set()
@@ -488,14 +563,16 @@ class LoadRunner:
     async def _assign(self) -> list[_Slot]:
         plan = self.plan
         urls = list(plan.meeting_urls)
+        numbers = plan.shard.numbers(plan.guests)
         slots: list[_Slot] = []
-        for lo in range(0, plan.guests, STORE_BATCH):
+        for lo in range(0, len(numbers), STORE_BATCH):
+            chunk = numbers[lo : lo + STORE_BATCH]
             batch = [
                 NewSession(plan.guest_id(n), urls[(n - 1) % len(urls)], plan.origin, plan.name(n))
-                for n in range(lo + 1, min(lo + STORE_BATCH, plan.guests) + 1)
+                for n in chunk
             ]
-            for new, rec in zip(batch, await self.store.get_or_create_many(batch), strict=True):
-                slots.append(_Slot(rec.guest_id, rec.application_session_id, new.meeting_url, len(slots) + 1))
+            for n, new, rec in zip(chunk, batch, await self.store.get_or_create_many(batch), strict=True):
+                slots.append(_Slot(rec.guest_id, rec.application_session_id, new.meeting_url, n))
         return slots
 
     async def _save_outcomes(self, records: Sequence[GuestRecord]) -> None:
@@ -547,8 +624,19 @@ class LoadRunner:
     async def _arrivals(self, slots: _JoinSlots, tasks: set[asyncio.Task[None]]) -> None:
         plan = self.plan
         t0 = self._clock()
-        self.metrics.start(t0)
-        times: Iterator[float] | None = plan.schedule.times(plan.guests) if plan.schedule else None
+        if self.start_at is not None:
+            # The shards of a run share one wall-clock start: map it onto this process's clock.
+            t0 += self.start_at - self._wall()
+            self.metrics.start(t0)
+            if await self._wait_stop(t0 - self._clock()):
+                return
+        else:
+            self.metrics.start(t0)
+        times: Iterator[float] | None = None
+        if plan.schedule:
+            shard = plan.shard
+            every = plan.schedule.times(plan.guests)  # the one global schedule; this shard takes its guests'
+            times = (t for n, t in enumerate(every, 1) if shard.owns(n)) if shard.count > 1 else every
         for slot in self._slots:
             if times is None:
                 if not await slots.acquire():
@@ -804,6 +892,7 @@ async def run_load(
     meetings: int = 0,
     on_runner: Callable[[LoadRunner], None] | None = None,
     check_links: Callable[[Sequence[str]], None] | None = None,
+    start_at: float | None = None,
 ) -> LoadResult:
     """Run ``plan`` with one :class:`Client` for every guest, its pool sized to the concurrency.
 
@@ -811,9 +900,15 @@ async def run_load(
     through adhocMeetings (the service application's own meetings). ``on_runner`` receives the runner
     before it starts (to wire :meth:`LoadRunner.cancel` to a signal). ``check_links`` receives the URLs the
     service application's discovery links to (applications, anonApplicationTokens, adhocMeetings) before
-    any meeting is made or guest sent; it raises to stop the run.
+    any meeting is made or guest sent; it raises to stop the run. ``start_at``: the wall-clock time (Unix
+    seconds) of the first arrival, shared by the shards of one run (``plan.shard``); they make no meetings
+    (``meetings`` is for an unsharded plan, or for the one process that prepares the shards' plan).
     """
-    metrics = metrics if metrics is not None else Metrics(guests=plan.guests)
+    if plan.shard.count > 1 and meetings > len(plan.meeting_urls):
+        raise ConfigurationError(
+            "a shard does not create meetings: create them once and give every shard the same meeting URLs"
+        )
+    metrics = metrics if metrics is not None else Metrics(guests=plan.shard_guests)
     async with Client(
         discover_url=discover_url,
         endpoint_id=endpoint_id,
@@ -822,7 +917,7 @@ async def run_load(
         verify_tls=verify_tls,
         retry=retry,
         rejoin=rejoin,
-        max_connections=pool_size(plan.concurrency),
+        max_connections=pool_size(plan.shard_concurrency),
         hooks=metrics.hooks(hooks),
     ) as client:
         if check_links is not None:
@@ -835,7 +930,7 @@ async def run_load(
             urls.append(made.join_url)
         if urls != list(plan.meeting_urls):
             plan = dataclasses.replace(plan, meeting_urls=tuple(urls))
-        runner = LoadRunner(client, plan, metrics=metrics, store=store, lease_s=lease_s)
+        runner = LoadRunner(client, plan, metrics=metrics, store=store, lease_s=lease_s, start_at=start_at)
         if on_runner is not None:
             on_runner(runner)
         return await runner.run()
