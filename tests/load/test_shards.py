@@ -307,3 +307,36 @@ async def test_two_shards_on_one_simulator_merge_into_the_whole_run(sim: Simulat
     snapshot = sim.snapshot()
     assert snapshot["applications"]["live"] == 0
     assert len(snapshot["applications"]["created_by_asi"]) == 41
+
+
+async def test_run_sharded_prepares_once_assigns_ids_in_the_parent_and_merges(sim: Simulator) -> None:
+    from anonjoin._cli_common import simulator_settings
+    from anonjoin._sharded import InProcessEngine, ShardProgress, run_sharded
+    from anonjoin._store import MemorySessionStore
+
+    info = sim.info
+    target = simulator_settings(info, display_name="g")
+    plan = LoadPlan(guests=30, meeting_urls=(info.meeting_url,), origin=info.origin, concurrency=6)
+    store = MemorySessionStore()
+    live = ShardProgress(30, 3)
+    merged = await run_sharded(
+        plan,
+        InProcessEngine(progress_interval_s=0.05),
+        target=target,
+        store=store,
+        shards=3,
+        retry=FAST_RETRY,
+        rejoin=FAST_REJOIN,
+        meetings=3,
+        on_progress=live.update,
+        start_slack_s=0.1,
+    )
+    assert [g.outcome for g in merged.guests] == ["joined"] * 30
+    assert len({g.meeting for g in merged.guests}) == 3  # the meetings were made once, in the parent
+    records = {r.guest_id: r for r in await store.list()}
+    assert {g.guest_id: g.application_session_id for g in merged.guests} == {
+        gid: r.application_session_id for gid, r in records.items()
+    }
+    assert {r.last_outcome for r in records.values()} == {"joined"}
+    assert live.progress().joined == 30
+    assert sim.snapshot()["applications"]["live"] == 0
