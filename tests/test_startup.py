@@ -30,7 +30,7 @@ def _loaded(body: str) -> list[str]:
     return loaded
 
 
-@pytest.mark.parametrize("command", ["join", "load", "simulate", "sessions", "rejoin"])
+@pytest.mark.parametrize("command", ["join", "load", "simulate", "sessions", "rejoin", "doctor"])
 def test_help_loads_nothing_heavy(command: str) -> None:
     body = (
         "import contextlib, io\n"
