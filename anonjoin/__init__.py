@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from anonjoin._guest import Guest
     from anonjoin._metrics import Metrics
     from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
+    from anonjoin._prometheus import MetricsCollector, serve_metrics
     from anonjoin._protocol import GuestState
     from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
     from anonjoin._runner import (
@@ -90,6 +91,7 @@ __all__ = [
     "MaybeSentError",
     "MemorySessionStore",
     "Metrics",
+    "MetricsCollector",
     "ProtocolError",
     "RateFunction",
     "RedisSessionStore",
@@ -108,6 +110,7 @@ __all__ = [
     "TransportError",
     "__version__",
     "run_load",
+    "serve_metrics",
 ]
 
 # name -> the private module that defines it (imported on first access)
@@ -137,6 +140,7 @@ _LAZY: dict[str, str] = {
     "LoadRunner": "anonjoin._runner",
     "MemorySessionStore": "anonjoin._store",
     "Metrics": "anonjoin._metrics",
+    "MetricsCollector": "anonjoin._prometheus",
     "RateFunction": "anonjoin._runner",
     "RedisSessionStore": "anonjoin._store_redis",
     "RejoinPolicy": "anonjoin._retry",
@@ -149,6 +153,7 @@ _LAZY: dict[str, str] = {
     "Steps": "anonjoin._runner",
     "TargetSettings": "anonjoin._settings",
     "run_load": "anonjoin._runner",
+    "serve_metrics": "anonjoin._prometheus",
 }
 
 

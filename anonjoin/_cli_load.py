@@ -50,6 +50,7 @@ from anonjoin._cli_common import (
     exit_code_for_signal,
     is_target,
     non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
     settings_from_args,
@@ -186,6 +187,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="seconds between progress updates (default 0.25 for the bar, 5 for plain lines)",
     )
+    out.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics during the run (0: a free port)",
+    )
+    out.add_argument("--metrics-host", metavar="HOST", help="address of --metrics-port (default 127.0.0.1)")
     out.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
     _store_flag(out)
     add_target_arguments(load, display_name=False)
@@ -531,7 +539,10 @@ async def _load(
             metrics = Metrics(guests=ns.guests, seed=ns.seed)
             credential = t.credential()
             try:
-                async with ProgressDisplay(metrics, mode=ns.progress, interval_s=ns.progress_interval):
+                async with (
+                    _metrics_endpoint(ns, metrics),
+                    ProgressDisplay(metrics, mode=ns.progress, interval_s=ns.progress_interval),
+                ):
                     result = await run_load(
                         plan,
                         discover_url=t.discover_url,
@@ -570,6 +581,28 @@ async def _load(
         warnings=result.warnings,
         service_check=service_check,
     )
+
+
+def _port(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535: {text!r}")
+    return value
+
+
+@contextlib.asynccontextmanager
+async def _metrics_endpoint(ns: argparse.Namespace, metrics: Any) -> AsyncIterator[None]:
+    """--metrics-port: Prometheus metrics while the run lasts (a port in use: ConfigurationError, exit 2)."""
+    if ns.metrics_port is None:
+        if ns.metrics_host is not None:
+            raise ConfigurationError("--metrics-host needs --metrics-port")
+        yield
+        return
+    from anonjoin._prometheus import serve_metrics
+
+    async with serve_metrics(metrics, host=ns.metrics_host or "127.0.0.1", port=ns.metrics_port) as server:
+        print(f"anonjoin load: Prometheus metrics at {server.url}", file=sys.stderr, flush=True)
+        yield
 
 
 def _describe_schedule(ns: argparse.Namespace) -> str:

@@ -98,6 +98,33 @@ class LatencyHistogram:
         """Same counts at every index (and the same running sum)."""
         return self.count == other.count and self._sum_us == other._sum_us and bool(self._h.equals(other._h))
 
+    @property
+    def sum_s(self) -> float:
+        """The exact sum of the recorded (clamped) values, in seconds."""
+        return self._sum_us / 1_000_000
+
+    def cumulative_counts(self, bounds_s: Sequence[float]) -> list[int]:
+        """How many values are at most each of ``bounds_s`` (seconds, ascending): Prometheus buckets.
+
+        One pass over the counts up to the highest value recorded. A value within the histogram's
+        resolution (3 significant digits) of a bound counts as at most it.
+        """
+        if not self.count:
+            return [0] * len(bounds_s)
+        h = self._h
+        counts = h.counts
+        top = min(h.get_counts_array_index(h.get_max_value()), h.counts_len - 1)
+        out: list[int] = []
+        running = start = 0
+        for bound in bounds_s:
+            us = min(max(int(bound * 1_000_000), _LOWEST_US), _HIGHEST_US)
+            end = min(h.get_counts_array_index(us), top) + 1
+            if end > start:
+                running += sum(counts[start:end])
+                start = end
+            out.append(running)
+        return out
+
     def summary(self, percentiles: Iterable[float] = (50, 90, 99)) -> dict[str, float | int | None]:
         out: dict[str, float | int | None] = {"count": self.count}
         for q in percentiles:
@@ -173,6 +200,9 @@ class Metrics:
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
         self.failures_by_reason: Counter[str] = Counter()
+        """Final outcomes ``failed`` and ``ended``, by reason."""
+        self.failed_by_reason: Counter[str] = Counter()
+        """Final outcomes ``failed`` only, by reason (the report's ``failures_by_reason``)."""
         self.rejoins = 0
         self.rejoin_attempts = 0
         self.drops = 0
@@ -328,6 +358,8 @@ class Metrics:
         self.outcomes[outcome] += 1
         if outcome in ("failed", "ended"):
             self.failures_by_reason[reason or "unknown"] += 1
+            if outcome == "failed":
+                self.failed_by_reason[reason or "unknown"] += 1
         self._in_lobby.discard(guest_id)
         if outcome != "joined":
             self._joined_now.discard(guest_id)
@@ -434,6 +466,7 @@ class Metrics:
             "step_errors": dict(self.step_errors),
             "outcomes": dict(self.outcomes),
             "failures_by_reason": dict(self.failures_by_reason),
+            "failed_by_reason": dict(self.failed_by_reason),
             "drops_by_reason": dict(self.drops_by_reason),
             "retries": [[step, reason, n] for (step, reason), n in sorted(self.retries.items())],
             "histograms": {name: self.target_or_new(name).encode() for name in _FIXED_HISTOGRAMS},
@@ -462,6 +495,7 @@ class Metrics:
         self.step_errors.update(state["step_errors"])
         self.outcomes.update(state["outcomes"])
         self.failures_by_reason.update(state["failures_by_reason"])
+        self.failed_by_reason.update(state.get("failed_by_reason", {}))
         self.drops_by_reason.update(state["drops_by_reason"])
         for step, reason, n in state["retries"]:
             self.retries[(step, reason)] += int(n)

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-HEAVY = ("aiohttp", "msal", "hdrh", "rich", "pydantic_settings", "anonjoin._runner", "anonjoin._report_html",
-         "anonjoin._client", "anonjoin.simulator._server")  # fmt: skip
+HEAVY = ("aiohttp", "msal", "hdrh", "rich", "pydantic_settings", "prometheus_client", "anonjoin._runner",
+         "anonjoin._report_html", "anonjoin._client", "anonjoin.simulator._server")  # fmt: skip
 
 PROBE = """
 import json, sys
 {body}
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {{"aiohttp", "msal", "hdrh", "rich",
-      "pydantic_settings", "anonjoin"}})))
+      "pydantic_settings", "prometheus_client", "anonjoin"}})))
 """
 
 
