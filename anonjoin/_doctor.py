@@ -557,12 +557,9 @@ class _Doctor:
             try:
                 result = await guest.join()
             except JoinFailed as exc:
-                fix = (
-                    "admit the guest from the lobby, or give a longer --timeout"
-                    if "Lobby" in exc.reason
-                    else "see the reason; run anonjoin join -v for every step"
-                )
-                raise _Failed(f"the guest did not join: {exc}", fix) from None
+                raise _Failed(
+                    f"the guest did not join: {exc}", _JOIN_FIXES.get(exc.reason, _JOIN_FIX)
+                ) from None
             except AnonJoinError as exc:
                 raise _Failed(
                     f"the guest did not join: {type(exc).__name__}: {exc}",
@@ -572,6 +569,15 @@ class _Doctor:
         return (
             f"a guest joined conference {result.conference_id} in {result.duration_s * 1000:.0f} ms and left"
         )
+
+
+_JOIN_FIX = "see the reason; anonjoin join -v shows every step"
+_JOIN_FIXES = {
+    "Denied": "the meeting refused anonymous guests: let anonymous people join it (its access level and "
+    "lobby policy), or admit the guest from the lobby",
+    "LobbyTimeout": "nobody admitted the guest from the lobby: admit it, or give a longer --timeout",
+    "JoinTimeout": "the join did not complete in time: give a longer --timeout, or see anonjoin join -v",
+}
 
 
 def _auth_failure(exc: AuthError, scope: str | None) -> _Failed:

@@ -27,7 +27,9 @@ What is exported (seconds for durations)::
 Histogram buckets are cumulative counts of the HDR histograms at fixed bounds (:data:`BUCKETS_S`, 5 ms to
 60 s), with their exact counts and sums. :func:`serve_metrics` serves a collector over HTTP on the running
 event loop (aiohttp), so a scrape reads the metrics between the loop's own updates, never in the middle of
-one. prometheus-client is imported with this module, which ``import anonjoin`` loads only on first use.
+one. A scrape from another thread (prometheus-client's ``start_http_server``) works too: each counter is
+read in one C-level copy, but the set of them is not a snapshot of one instant. prometheus-client is
+imported with this module, which ``import anonjoin`` loads only on first use.
 """
 
 from __future__ import annotations

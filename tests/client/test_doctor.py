@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from anonjoin import AuthError, CertificateCredential
+from anonjoin import AuthError, CertificateCredential, ClientSecretCredential
 from anonjoin._cli import main
-from anonjoin._doctor import CHECKS, _auth_failure, run_doctor
+from anonjoin._doctor import CHECKS, DoctorReport, _auth_failure, run_doctor
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 
 pytestmark = pytest.mark.usefixtures("no_target_env")
@@ -331,3 +331,48 @@ async def test_as_a_subprocess_exits_1_with_the_failure_on_stdout(sim: Simulator
     assert err == b""
     assert "\N{HEAVY BALLOT X} Azure AD token: invalid_client" in out.decode()
     assert b"wrong-subprocess-secret-777" not in out
+
+
+async def library_doctor(sim: Simulator, **options: Any) -> DoctorReport:
+    info = sim.info
+    credential = ClientSecretCredential(
+        authority=info.authority, client_id=info.client_id, client_secret=info.client_secret,
+        scope=info.scope, ca_file=info.ca_file,
+    )  # fmt: skip
+    try:
+        return await run_doctor(
+            discover_url=info.discover_url, endpoint_id=info.endpoint_id, credential=credential,
+            meeting_url=info.meeting_url, origins=info.origin, ca_file=info.ca_file, **options,
+        )  # fmt: skip
+    finally:
+        await credential.aclose()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"rel_prefix": "alternate", "event_rel_prefix": "ms:rtc:saas:"},
+        {"redirect_routes": frozenset({"discover", "anon_discover"}), "discover_query": "discoverContext"},
+        {"absolute_hrefs": True, "mixed_case_hrefs": True, "my_applications_link": True},
+        {"lobby": "admit", "lobby_delay_s": 0.05},
+    ],
+)
+async def test_the_documented_variants_pass(
+    variant: dict[str, Any], sim_factory: Callable[..., Simulator]
+) -> None:
+    async with sim_factory(**variant) as sim:
+        report = await library_doctor(sim, join=True, timeout_s=5)
+    assert report.ok, [c.line() for c in report.checks]
+    assert [c.name for c in report.checks] == list(CHECKS)
+
+
+async def test_a_meeting_that_refuses_anonymous_guests_fails_the_join(
+    sim_factory: Callable[..., Simulator],
+) -> None:
+    async with sim_factory(lobby="deny") as sim:
+        report = await library_doctor(sim, join=True, timeout_s=5)
+    assert [c.name for c in report.checks if not c.passed] == ["join"]
+    join = report.checks[-1]
+    assert join.detail.startswith("the guest did not join: Denied")
+    assert join.fix is not None and "refused anonymous guests" in join.fix
+    assert report.as_dict()["failed"] == 1
