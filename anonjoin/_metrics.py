@@ -32,9 +32,13 @@ from hdrh.histogram import HdrHistogram
 
 from anonjoin._events import GuestEvent, Hooks, StepEvent
 
-__all__ = ["FinalOutcome", "LatencyHistogram", "Metrics", "Progress", "SecondBucket"]
+__all__ = ["FinalOutcome", "LatencyHistogram", "Metrics", "Phase", "Progress", "SecondBucket"]
 
 FinalOutcome = Literal["joined", "failed", "ended", "cancelled"]
+Phase = Literal["starting", "arriving", "holding", "leaving", "done"]
+"""Where a run is: ``starting`` (setup: token, discovery, meetings), ``arriving`` (guests arriving or joins
+in flight), ``holding`` (every guest arrived and settled, the joined ones are held), ``leaving`` (the first
+held guest has left, or the run was stopped), ``done`` (the run's clock has stopped)."""
 
 _LOWEST_US = 1
 _HIGHEST_US = 3_600_000_000  # one hour
@@ -171,7 +175,8 @@ class Progress:
     rejoins: int
     drops: int
     joins_per_s: float
-    """Over the last few seconds (0 before the first join)."""
+    """First joins per second over the last few complete seconds (0 once joins have stopped)."""
+    phase: Phase = "arriving"
 
 
 class Metrics:
@@ -229,6 +234,10 @@ class Metrics:
         self._rng = random.Random(seed)
         self.guest_listener: Callable[[GuestEvent], None] | None = None
         """Called after each guest event is counted (the runner uses it to wait for a rejoin to settle)."""
+        self.started = False
+        """Whether :meth:`start` was called (the arrivals have begun)."""
+        self.stopping = False
+        """Set when the run is asked to stop early (arrivals stop, held guests leave now)."""
 
     # -- hooks (called by the client on the event loop) ------------------------------------------------------
 
@@ -369,6 +378,7 @@ class Metrics:
         AAD token, discovery, meetings) keeps its step timings but not its place on the time line."""
         self.t0 = self._clock() if t0 is None else t0
         self.seconds.clear()
+        self.started = True
 
     def finish(self) -> None:
         """Stop the clock (the run's duration ends here)."""
@@ -410,20 +420,37 @@ class Metrics:
             return fixed[name]
         return self.steps.get(name)
 
-    def progress(self, window_s: float = 5.0) -> Progress:
+    def join_rate(self, window_s: float = 5.0) -> float:
+        """First joins per second over the last ``window_s`` complete seconds (fewer at the start).
+
+        Seconds with no event have no bucket and count as 0, so the rate falls to 0 once joins stop. In
+        the first second, the joins so far over one second (a few quick joins are not a huge rate).
+        """
         elapsed = self.duration_s
         now_second = int(elapsed)
-        # Joins per second over the last complete seconds of the window (the current one is partial).
-        lo = max(0, now_second - int(window_s))
-        span = self.seconds[lo:now_second]
-        if span:
-            rate = sum(b.joins for b in span) / len(span)
-        elif elapsed > 0:
-            rate = self.first_joins / elapsed
-        else:
-            rate = 0.0
+        if now_second < 1:
+            return self.first_joins / 1.0 if elapsed > 0 else 0.0
+        lo = max(0, now_second - max(int(window_s), 1))
+        joins = sum(b.joins for b in self.seconds[lo:now_second])
+        return joins / (now_second - lo)
+
+    def phase(self) -> Phase:
+        """Where the run is (see :data:`Phase`)."""
+        if self.t_end is not None:
+            return "done"
+        if self.stopping:
+            return "leaving"
+        if not self.started:
+            return "starting"
+        if self.arrived < self.guests or self.in_flight > 0:
+            return "arriving"
+        if not self.outcomes["joined"] and sum(self.outcomes.values()) < self.guests:
+            return "holding"  # no held guest has left yet
+        return "leaving"
+
+    def progress(self, window_s: float = 5.0) -> Progress:
         return Progress(
-            elapsed_s=elapsed,
+            elapsed_s=self.duration_s,
             guests=self.guests,
             arrived=self.arrived,
             in_flight=self.in_flight,
@@ -437,7 +464,8 @@ class Metrics:
             retries=sum(self.retries.values()),
             rejoins=self.rejoins,
             drops=self.drops,
-            joins_per_s=rate,
+            joins_per_s=self.join_rate(window_s),
+            phase=self.phase(),
         )
 
     @property

@@ -3,6 +3,12 @@
 The display reads :meth:`anonjoin._metrics.Metrics.progress` (a handful of counters) on a timer, so it
 costs nothing per guest. ``mode="auto"`` picks the bar when the stream is a terminal and neither ``CI`` is
 set to a true value nor ``TERM=dumb``; otherwise one line every ``interval_s`` (5 s by default).
+
+Both show the run's phase (starting, arriving, holding, leaving, done) and its clock, which is the
+metrics' clock: it runs until the run ends (through the hold and the leave), not until the last join. The
+bar fills as guests' first joins settle; the counts beside it keep first joins (``joined``), guests in the
+meeting now, and final outcomes (``failed``, ``ended``, ``cancelled``) apart, with drops, retries and
+rejoins, and the join rate over the last few seconds (0 once joins have stopped).
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ import sys
 from typing import Literal, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from anonjoin._metrics import Metrics
 from anonjoin._metrics import Progress as Snapshot
 
-__all__ = ["ProgressDisplay", "ProgressMode", "format_line", "pick_mode"]
+__all__ = ["ProgressDisplay", "ProgressMode", "bar_text", "clock_text", "format_line", "pick_mode"]
 
 ProgressMode = Literal["auto", "bar", "plain", "off"]
 BAR_REFRESH_S = 0.25
@@ -37,14 +43,38 @@ def pick_mode(stream: TextIO, mode: ProgressMode = "auto") -> Literal["bar", "pl
     return "bar" if isatty is not None and isatty() else "plain"
 
 
+def clock_text(seconds: float) -> str:
+    """``h:mm:ss`` (``0:00:12``)."""
+    whole = max(int(seconds), 0)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 def format_line(p: Snapshot) -> str:
     """One plain progress line."""
     return (
-        f"[{p.elapsed_s:7.1f}s] joined {p.joined}/{p.guests} (now {p.joined_now})  in lobby {p.in_lobby}  "
-        f"in flight {p.in_flight}  failed {p.failed}  ended {p.ended}  cancelled {p.cancelled}  "
-        f"retries {p.retries}  "
+        f"[{p.elapsed_s:7.1f}s] {p.phase:<8} arrived {p.arrived}/{p.guests}  joined {p.joined}  "
+        f"in meeting {p.joined_now}  in lobby {p.in_lobby}  in flight {p.in_flight}  failed {p.failed}  "
+        f"ended {p.ended}  cancelled {p.cancelled}  drops {p.drops}  retries {p.retries}  "
         f"rejoins {p.rejoins}  {p.joins_per_s:.1f} joins/s"
     )
+
+
+def bar_text(p: Snapshot) -> str:
+    """The counts beside the bar (rich markup)."""
+    parts = [
+        f"arrived {p.arrived}/{p.guests}",
+        f"[green]joined {p.joined}[/]",
+        f"in meeting {p.joined_now}",
+        f"[cyan]in lobby {p.in_lobby}[/]",
+        f"[red]failed {p.failed}[/]",
+        *([f"ended {p.ended}"] if p.ended else []),
+        *([f"cancelled {p.cancelled}"] if p.cancelled else []),
+        f"drops {p.drops}",
+        f"[yellow]retries {p.retries}[/]",
+        f"rejoins {p.rejoins}",
+        f"{p.joins_per_s:.0f} joins/s",
+    ]
+    return " · ".join(parts)
 
 
 class ProgressDisplay:
@@ -71,9 +101,10 @@ class ProgressDisplay:
         if self.mode == "bar":
             self._progress = Progress(
                 TextColumn("[bold]anonjoin load"),
+                TextColumn("{task.fields[phase]:<8}"),
                 BarColumn(bar_width=None),
                 TextColumn("{task.fields[text]}"),
-                TimeElapsedColumn(),
+                TextColumn("[progress.elapsed]{task.fields[clock]}"),
                 console=console or Console(file=self._stream, stderr=self._stream is sys.stderr),
                 auto_refresh=False,
                 transient=False,
@@ -92,7 +123,13 @@ class ProgressDisplay:
             return
         if self._progress is not None:
             self._progress.start()
-            self._bar = self._progress.add_task("load", total=max(self._metrics.guests, 1), text="")
+            self._bar = self._progress.add_task(
+                "load",
+                total=max(self._metrics.guests, 1),
+                text="",
+                phase=self._metrics.phase(),
+                clock=clock_text(0),
+            )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="anonjoin-progress")
 
     async def _run(self) -> None:
@@ -105,19 +142,14 @@ class ProgressDisplay:
         snap = self._metrics.progress()
         if self._progress is not None and self._bar is not None:
             done = snap.joined + snap.join_failures + snap.cancelled
-            parts = [
-                f"[green]{snap.joined}[/]/{snap.guests} joined",
-                f"{snap.joined_now} in meeting",
-                f"[cyan]{snap.in_lobby}[/] in lobby",
-                f"[red]{snap.failed}[/] failed",
-                *([f"{snap.ended} ended"] if snap.ended else []),
-                *([f"{snap.cancelled} cancelled"] if snap.cancelled else []),
-                f"[yellow]{snap.retries}[/] retries",
-                f"{snap.rejoins} rejoins",
-                f"{snap.joins_per_s:.0f} joins/s",
-            ]
-            text = " · ".join(parts)
-            self._progress.update(self._bar, completed=done, total=max(snap.guests, 1), text=text)
+            self._progress.update(
+                self._bar,
+                completed=done,
+                total=max(snap.guests, 1),
+                text=bar_text(snap),
+                phase=snap.phase,
+                clock=clock_text(snap.elapsed_s),
+            )
             self._progress.refresh()
         elif self.mode == "plain":
             print(format_line(snap), file=self._stream, flush=True)

@@ -472,6 +472,7 @@ class LoadRunner:
     def cancel(self) -> None:
         """Stop the run: no more arrivals, joins in flight cancelled, held guests leave now. Idempotent."""
         self._interrupted = True
+        self.metrics.stopping = True
         if self._join_slots is not None:
             self._join_slots.stop()
         if self._stop is not None and not self._stop.done():

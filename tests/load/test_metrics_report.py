@@ -84,7 +84,7 @@ def test_metrics_count_and_measure() -> None:
     p = m.progress()
     assert (p.joined, p.failed, p.retries, p.rejoins) == (99, 1, 10, 1)
     assert p.joins_per_s > 0
-    assert "joined 99/100" in format_line(p)
+    assert "arrived 100/100  joined 99  in meeting 99" in format_line(p)
 
 
 def test_hooks_chain_to_the_callers_hooks() -> None:
@@ -248,7 +248,7 @@ async def test_plain_progress_prints_lines() -> None:
         display.update()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2  # the explicit update and the final one
-    assert "joined 9/10" in lines[-1]
+    assert "arrived 10/10  joined 9" in lines[-1]
 
 
 async def test_bar_progress_renders() -> None:
@@ -258,7 +258,7 @@ async def test_bar_progress_renders() -> None:
     async with ProgressDisplay(m, console=console, interval_s=3600) as display:
         assert display.mode == "bar"
     text = out.getvalue()
-    assert "9/10 joined" in text and "anonjoin load" in text
+    assert "joined 9 · in meeting 9" in text and "anonjoin load" in text
 
 
 def test_check_against_the_services_record() -> None:
