@@ -620,13 +620,13 @@ def _ms(value: float | None) -> str:
 def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
     from anonjoin._report import joins_per_s_text, plural
 
-    j = report["join_latency_ms"]
+    j = report["latency"]["join"]
     lines = [
         f"anonjoin load: {plural(report['guests'], 'guest')}: {report['joined']} joined, "
         f"{report['failed']} failed, {report['ended']} ended, {report['cancelled']} cancelled "
         f"(success {100 * report['success_rate']:.2f}%) in {report['duration_s']:.1f} s",
-        f"  {joins_per_s_text(report)} joins/s   join latency p50 {_ms(j['p50'])}  p90 {_ms(j['p90'])}  "
-        f"p99 {_ms(j['p99'])}  max {_ms(j['max'])}",
+        f"  {joins_per_s_text(report)} joins/s   join latency p50 {_ms(j['p50_ms'])}  "
+        f"p90 {_ms(j['p90_ms'])}  p95 {_ms(j['p95_ms'])}  p99 {_ms(j['p99_ms'])}  max {_ms(j['max_ms'])}",
         f"  rejoins {report['rejoins']}   drops {report['drops']}   "
         f"retries {sum(report['retries_by_reason'].values())}",
     ]

@@ -4,7 +4,9 @@ What is measured (all latencies kept in HDR histograms, microsecond resolution, 
 
 - ``steps``: each step's latency per successful attempt (``StepEvent`` with ``outcome == "ok"``); failed
   attempts are counted in ``step_errors``, retried ones in ``retries`` by (step, reason). The ``events``
-  step is the long poll: its latency is how long the server held the poll, not a service delay.
+  step is the join's own event polls (connecting, lobby); a poll that ends while its guest is in the
+  meeting is the parked one, kept as ``events.parked`` (:data:`PARKED_POLL`): its latency is how long the
+  server held the poll, not a service delay.
 - ``join``: arrival -> joined for a guest's first join, *without* the time spent in the lobby. Arrival is
   the moment the schedule let the guest arrive, so time spent queueing for a concurrency slot counts (an
   open model: a slow service cannot hide its latency by slowing the arrivals down).
@@ -32,7 +34,16 @@ from hdrh.histogram import HdrHistogram
 
 from anonjoin._events import GuestEvent, Hooks, StepEvent
 
-__all__ = ["FinalOutcome", "LatencyHistogram", "Metrics", "Phase", "Progress", "SecondBucket"]
+__all__ = [
+    "PARKED_POLL",
+    "PERCENTILES",
+    "FinalOutcome",
+    "LatencyHistogram",
+    "Metrics",
+    "Phase",
+    "Progress",
+    "SecondBucket",
+]
 
 FinalOutcome = Literal["joined", "failed", "ended", "cancelled"]
 Phase = Literal["starting", "arriving", "holding", "leaving", "done"]
@@ -45,6 +56,12 @@ _HIGHEST_US = 3_600_000_000  # one hour
 _SIGNIFICANT = 3
 SCATTER_SAMPLES = 4000
 """At most this many (time, join latency) points are kept for the report's scatter plot."""
+PERCENTILES: tuple[float, ...] = (50, 90, 95, 99)
+"""The percentiles of every latency summary in the report."""
+PARKED_POLL = "events.parked"
+"""The step name under which a held guest's event polls are kept (apart from the join's own ``events``
+polls): a poll that ends while its guest is in the meeting was parked there, and its time is how long
+the server held it, not a service delay."""
 
 
 class LatencyHistogram:
@@ -129,12 +146,13 @@ class LatencyHistogram:
             out.append(running)
         return out
 
-    def summary(self, percentiles: Iterable[float] = (50, 90, 99)) -> dict[str, float | int | None]:
+    def summary(self, percentiles: Iterable[float] = PERCENTILES) -> dict[str, float | int | None]:
+        """``{count, p50_ms, p90_ms, p95_ms, p99_ms, max_ms, mean_ms}`` (``None`` for no data)."""
         out: dict[str, float | int | None] = {"count": self.count}
         for q in percentiles:
-            out[f"p{q:g}"] = _round(self.percentile_ms(q))
-        out["max"] = _round(self.max_ms())
-        out["mean"] = _round(self.mean_ms())
+            out[f"p{q:g}_ms"] = _round(self.percentile_ms(q))
+        out["max_ms"] = _round(self.max_ms())
+        out["mean_ms"] = _round(self.mean_ms())
         return out
 
 
@@ -276,17 +294,20 @@ class Metrics:
         if ev.phase != "end":
             return
         outcome = ev.outcome
+        step: str = ev.step
+        if step == "events" and ev.guest_id in self._joined_now:
+            step = PARKED_POLL
         if outcome == "ok":
-            hist = self.steps.get(ev.step)
+            hist = self.steps.get(step)
             if hist is None:
-                hist = self.steps[ev.step] = LatencyHistogram()
+                hist = self.steps[step] = LatencyHistogram()
             if ev.duration_s is not None:
                 hist.record(ev.duration_s)
         elif outcome == "retry":
-            self.retries[(ev.step, ev.retry_reason or "unknown")] += 1
+            self.retries[(step, ev.retry_reason or "unknown")] += 1
             self._bucket().retries += 1
         else:
-            self.step_errors[ev.step] += 1
+            self.step_errors[step] += 1
 
     def on_guest(self, ev: GuestEvent) -> None:
         kind = ev.kind

@@ -1,6 +1,7 @@
 """The load report: a JSON document, its HTML rendering, and the ``--fail-if`` condition language.
 
-The JSON keys (``REPORT_SCHEMA``; latencies in milliseconds, rates in guests per second)::
+The JSON keys (``REPORT_SCHEMA``). Every number with a unit says it in its key: ``_ms`` milliseconds,
+``_s`` seconds, ``_per_s`` per second; the other numbers are counts (or ``success_rate``, a ratio)::
 
     schema, anonjoin_version, started_at, finished_at, interrupted
     guests, arrived, joined, failed, ended, cancelled
@@ -11,14 +12,18 @@ The JSON keys (``REPORT_SCHEMA``; latencies in milliseconds, rates in guests per
     rejoins, rejoin_attempts, drops, drops_by_reason {reason: n}, leave_errors
     store_writes {late, lost, fenced}                            outcome writes retried / not made / fenced
     duration_s, join_phase_s, joins_per_s
-    join_latency_ms {count, p50, p90, p95, p99, max, mean}      arrival -> joined, lobby excluded
-    lobby_ms, queue_ms, rejoin_ms                                same shape
-    steps {step: {count, p50, p90, p99, max, mean, errors, retries}}
-    throughput [{t, joins, failures, rejoins, retries, drops, join_ms_mean, join_ms_max}]   one per second
-    join_samples [[t_s, ms], ...]                                a bounded sample for the scatter plot
-    guest_outcomes [{guest_id, application_session_id, outcome, reason, rejoins, meeting}]
+    latency {join, lobby, queue, rejoin}: {count, p50_ms, p90_ms, p95_ms, p99_ms, max_ms, mean_ms}
+                                     join: arrival -> joined, lobby excluded; lobby: the lobby wait;
+                                     queue: arrival -> the first request; rejoin: each rejoin
+    steps {step: {count, p50_ms, p90_ms, p95_ms, p99_ms, max_ms, mean_ms, errors, retries}}
+                                     events: the join's own event polls; events.parked: the poll parked
+                                     while a guest is in the meeting (how long the server held it)
+    throughput [{t_s, joins, failures, rejoins, retries, drops, join_mean_ms, join_max_ms}]   per second
+    join_samples [{t_s, join_ms}]                                a bounded sample for the scatter plot
+    guest_outcomes [{guest_id, application_session_id, outcome, reason, rejoins, meeting,
+                     arrived_at_s, joined_at_s, join_ms, lobby_ms}]   times from the start of the run
     settings {...}                                               the run's settings, secrets removed
-    fail_if {expression, breached, detail} | null
+    fail_if {expression, breached, detail, clauses [{expression, breached, detail, values}]} | null
     warnings [text]                                              problems that did not stop the run
     service_check {ok, ...} | null                               the embedded simulator's own record
 
@@ -32,11 +37,15 @@ The JSON keys (``REPORT_SCHEMA``; latencies in milliseconds, rates in guests per
     METRIC  := success_rate | joined | failed | ended | cancelled | guests | rejoins | drops | retries
              | joins_per_s | duration_s
     FUNC    := pNN | pNN.N | max | mean            (a latency, in ms)
-    TARGET  := join | lobby | queue | rejoin | a step name (anon_tokens, invitations, ...)
+    TARGET  := join | lobby | queue | rejoin | a step name (anon_tokens, invitations, events.parked, ...)
 
 A latency or ``duration_s`` compares only with a number that carries a time unit (``2s``, ``150ms``); a
 count or rate only with a plain number; ``success_rate`` with a plain ratio or a percentage (``99%``).
 A percentile of a target with no samples is "no data" and no comparison with it is true.
+
+The clauses of an expression are its top-level ``or`` operands (``a or b or c``: three clauses; an
+expression without a top-level ``or`` is one clause): the run breaches the expression when it breaches one
+of them. The report evaluates each (``fail_if.clauses``), for a JUnit file with one test case per clause.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from typing import Any, Literal, get_args
 
 from anonjoin._events import Step
 from anonjoin._exceptions import ConfigurationError, redact
-from anonjoin._metrics import Metrics, percentile_ms
+from anonjoin._metrics import PARKED_POLL, LatencyHistogram, Metrics, percentile_ms
 from anonjoin._version import __version__
 
 __all__ = [
@@ -66,9 +75,9 @@ __all__ = [
     "write_json",
 ]
 
-REPORT_SCHEMA = "anonjoin.load-report/1"
+REPORT_SCHEMA = "anonjoin.load-report/2"
 STEP_NAMES: tuple[str, ...] = get_args(getattr(Step, "__value__", Step))
-TARGETS: tuple[str, ...] = ("join", "lobby", "queue", "rejoin", *STEP_NAMES)
+TARGETS: tuple[str, ...] = ("join", "lobby", "queue", "rejoin", *STEP_NAMES, PARKED_POLL)
 _SECRET_KEYS = re.compile(r"(?i)secret|token|password|private_key|assertion|credential")
 
 
@@ -83,6 +92,14 @@ class GuestRecord:
     rejoins: int = 0
     meeting: str | None = None
     """The meeting's conference id (the last path segment of its join URL)."""
+    arrived_at_s: float | None = None
+    """When the guest arrived, seconds from the start of the run (None: it never arrived)."""
+    joined_at_s: float | None = None
+    """When its first join completed, seconds from the start of the run (None: it never joined)."""
+    join_ms: float | None = None
+    """Its first join's latency, arrival -> joined without the lobby wait (as ``latency.join``)."""
+    lobby_ms: float | None = None
+    """Its first join's lobby wait (0 without a lobby; None: it never joined)."""
 
 
 # -- the JSON report ----------------------------------------------------------------------
@@ -137,11 +154,7 @@ def build_report(
     retries_by_step = metrics.retries_by_step
     for name in sorted(set(metrics.steps) | set(metrics.step_errors) | set(retries_by_step)):
         hist = metrics.steps.get(name)
-        row: dict[str, Any] = (
-            hist.summary()
-            if hist
-            else {"count": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-        )
+        row: dict[str, Any] = (hist or LatencyHistogram()).summary()
         row["errors"] = metrics.step_errors.get(name, 0)
         row["retries"] = retries_by_step.get(name, 0)
         steps[name] = row
@@ -177,25 +190,27 @@ def build_report(
         "duration_s": round(metrics.duration_s, 3),
         "join_phase_s": round(join_phase, 3),
         "joins_per_s": round(metrics.first_joins / join_phase, 3) if join_phase > 0 else 0.0,
-        "join_latency_ms": metrics.join.summary((50, 90, 95, 99)),
-        "lobby_ms": metrics.lobby.summary((50, 90, 99)),
-        "queue_ms": metrics.queue.summary((50, 90, 99)),
-        "rejoin_ms": metrics.rejoin.summary((50, 90, 99)),
+        "latency": {
+            "join": metrics.join.summary(),
+            "lobby": metrics.lobby.summary(),
+            "queue": metrics.queue.summary(),
+            "rejoin": metrics.rejoin.summary(),
+        },
         "steps": steps,
         "throughput": [
             {
-                "t": i,
+                "t_s": i,
                 "joins": b.joins,
                 "failures": b.failures,
                 "rejoins": b.rejoins,
                 "retries": b.retries,
                 "drops": b.drops,
-                "join_ms_mean": round(b.join_ms_sum / b.joins, 3) if b.joins else None,
-                "join_ms_max": round(b.join_ms_max, 3) if b.joins else None,
+                "join_mean_ms": round(b.join_ms_sum / b.joins, 3) if b.joins else None,
+                "join_max_ms": round(b.join_ms_max, 3) if b.joins else None,
             }
             for i, b in enumerate(seconds)
         ],
-        "join_samples": [[round(t, 3), round(ms, 3)] for t, ms in sorted(metrics.scatter)],
+        "join_samples": [{"t_s": round(t, 3), "join_ms": round(ms, 3)} for t, ms in sorted(metrics.scatter)],
         "guest_outcomes": [dataclasses.asdict(g) for g in guests],
         "settings": clean_settings(settings),
         "fail_if": None,
@@ -209,6 +224,7 @@ def build_report(
             "expression": fail_if.text,
             "breached": breached,
             "detail": fail_if.explain(source),
+            "clauses": fail_if.clauses(source),
         }
     return report
 
@@ -436,6 +452,24 @@ def _collect(node: _Node, src: MetricSource) -> list[str]:
     return out
 
 
+def _text(node: _Node, *, top: bool = False) -> str:
+    """``node`` written back as an expression (normalised spacing, parentheses where needed)."""
+    if isinstance(node, _Cmp):
+        return f"{node.left.text} {node.op} {node.right.text}"
+    if node.op == "not":
+        inner = node.args[0]
+        return f"not {_text(inner)}" if isinstance(inner, _Cmp) else f"not ({_text(inner, top=True)})"
+    text = f" {node.op} ".join(_text(a) for a in node.args)
+    return text if top else f"({text})"
+
+
+def _values(node: _Node, src: MetricSource) -> list[str]:
+    """Every comparison in ``node``, with the values it compared."""
+    if isinstance(node, _Cmp):
+        return [f"{_show(node.left, src)} {node.op} {_show(node.right, src)}"]
+    return [v for a in node.args for v in _values(a, src)]
+
+
 def _show(value: _Value, src: MetricSource) -> str:
     if isinstance(value, _Num):
         return value.text
@@ -464,6 +498,27 @@ class Condition:
         if not self.evaluate(source):
             return ""
         return "; ".join(_collect(self.root, source))
+
+    def clauses(self, source: MetricSource) -> list[dict[str, Any]]:
+        """Each clause (a top-level ``or`` operand) evaluated: ``{expression, breached, detail, values}``.
+
+        ``detail`` is what :meth:`explain` says of the clause (empty when it holds); ``values`` every
+        comparison in it with the run's values (``p95(join)=120.0ms > 2s``), breached or not.
+        """
+        root = self.root
+        parts: tuple[_Node, ...] = root.args if isinstance(root, _Bool) and root.op == "or" else (root,)
+        out: list[dict[str, Any]] = []
+        for node in parts:
+            breached = node.eval(source)
+            out.append(
+                {
+                    "expression": _text(node, top=True),
+                    "breached": breached,
+                    "detail": "; ".join(_collect(node, source)) if breached else "",
+                    "values": "; ".join(_values(node, source)),
+                }
+            )
+        return out
 
 
 def parse_fail_if(text: str, *, targets: Collection[str] = TARGETS) -> Condition:

@@ -48,6 +48,15 @@ def _fmt_ms(ms: float | None) -> str:
     return f"{ms:.2f} ms"
 
 
+_BARS = (("p50_ms", SKY), ("p90_ms", BLUE), ("p95_ms", GREEN), ("p99_ms", PURPLE))
+"""The percentiles drawn per row of the percentile plot, and their colours."""
+
+
+def _latency(report: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """``report["latency"][name]`` (``{}`` when absent)."""
+    return (report.get("latency") or {}).get(name) or {}
+
+
 def _fmt_num(value: float) -> str:
     if value >= 10_000:
         return f"{value / 1000:.0f}k"
@@ -195,13 +204,13 @@ def _empty(height: int, text: str) -> str:
 
 
 def _latency_over_time(report: Mapping[str, Any]) -> str:
-    samples: list[list[float]] = report.get("join_samples") or []
+    samples = [(float(p["t_s"]), float(p["join_ms"])) for p in report.get("join_samples") or ()]
     per_second: list[Mapping[str, Any]] = report.get("throughput") or []
     if not samples:
         return _empty(120, "no guest joined: no join latency to plot")
     h = 340
     duration = max(float(report.get("duration_s") or 0), max(t for t, _ in samples), 1.0)
-    values = [ms for _, ms in samples] + [b["join_ms_max"] for b in per_second if b.get("join_ms_max")]
+    values = [ms for _, ms in samples] + [b["join_max_ms"] for b in per_second if b.get("join_max_ms")]
     lo, hi = min(values), max(values)
     median = sorted(ms for _, ms in samples)[len(samples) // 2]
     use_log = hi > 20 * max(median, 0.001) and lo > 0
@@ -215,12 +224,14 @@ def _latency_over_time(report: Mapping[str, Any]) -> str:
     body += [f'<circle cx="{x(t):.1f}" cy="{y(ms):.1f}" r="2.6"/>' for t, ms in samples]
     body.append("</g>")
     mean_pts = [
-        (x(b["t"] + 0.5), y(b["join_ms_mean"])) for b in per_second if b.get("join_ms_mean") is not None
+        (x(b["t_s"] + 0.5), y(b["join_mean_ms"])) for b in per_second if b.get("join_mean_ms") is not None
     ]
-    max_pts = [(x(b["t"] + 0.5), y(b["join_ms_max"])) for b in per_second if b.get("join_ms_max") is not None]
+    max_pts = [
+        (x(b["t_s"] + 0.5), y(b["join_max_ms"])) for b in per_second if b.get("join_max_ms") is not None
+    ]
     body.append(_polyline(max_pts, RED, dash=True, width=1.5))
     body.append(_polyline(mean_pts, ORANGE, width=2.5))
-    p99 = (report.get("join_latency_ms") or {}).get("p99")
+    p99 = _latency(report, "join").get("p99_ms")
     legend = [
         (BLUE, "a guest's join", "dot"),
         (ORANGE, "mean per second", "line"),
@@ -249,7 +260,7 @@ def _throughput(report: Mapping[str, Any]) -> str:
     body += _x_axis(x, lambda t: f"{t:g}s", PAD_T + 18, h - PAD_B, "time since the start of the run")
     bw = max((x(1) - x(0)) * 0.8, 0.8)
     for b in per_second:
-        left = x(b["t"]) + (x(1) - x(0) - bw) / 2
+        left = x(b["t_s"]) + (x(1) - x(0) - bw) / 2
         base = y(0)
         if b["joins"]:
             top_y = y(b["joins"])
@@ -264,9 +275,9 @@ def _throughput(report: Mapping[str, Any]) -> str:
                 f'<rect x="{left:.1f}" y="{top_y:.1f}" width="{bw:.1f}" '
                 f'height="{base - top_y:.1f}" fill="{RED}"/>'
             )
-    body.append(_polyline([(x(b["t"] + 0.5), y(b["retries"])) for b in per_second], ORANGE, width=1.8))
+    body.append(_polyline([(x(b["t_s"] + 0.5), y(b["retries"])) for b in per_second], ORANGE, width=1.8))
     if any(b["rejoins"] for b in per_second):
-        body.append(_polyline([(x(b["t"] + 0.5), y(b["rejoins"])) for b in per_second], GREEN, width=1.8))
+        body.append(_polyline([(x(b["t_s"] + 0.5), y(b["rejoins"])) for b in per_second], GREEN, width=1.8))
     body += _legend(
         [
             (BLUE, "joins", "box"),
@@ -282,12 +293,13 @@ def _throughput(report: Mapping[str, Any]) -> str:
 
 def _percentiles(report: Mapping[str, Any]) -> str:
     rows: list[tuple[str, Mapping[str, Any]]] = []
-    for key, label in (("join_latency_ms", "join (arrival → joined)"), ("lobby_ms", "lobby wait")):
-        summary = report.get(key) or {}
-        if summary.get("count"):
-            rows.append((label, summary))
-    for key, label in (("queue_ms", "queue (arrival → first request)"), ("rejoin_ms", "rejoin")):
-        summary = report.get(key) or {}
+    for key, label in (
+        ("join", "join (arrival → joined)"),
+        ("lobby", "lobby wait"),
+        ("queue", "queue (arrival → first request)"),
+        ("rejoin", "rejoin"),
+    ):
+        summary = _latency(report, key)
         if summary.get("count"):
             rows.append((label, summary))
     for step, summary in (report.get("steps") or {}).items():
@@ -298,19 +310,18 @@ def _percentiles(report: Mapping[str, Any]) -> str:
     label_w = 230
     row_h = 34
     h = PAD_T + 26 + row_h * len(rows) + PAD_B
-    values = [s[k] for _, s in rows for k in ("p50", "p90", "p99") if s.get(k)]
+    values = [s[k] for _, s in rows for k, _ in _BARS if s.get(k)]
     x = _Log(min(values), max(values), label_w, W - PAD_R - 170)
     body: list[str] = []
     body += _x_axis(x, _fmt_ms, PAD_T + 24, h - PAD_B, "latency (log scale)")
-    colours = (("p50", SKY), ("p90", BLUE), ("p99", PURPLE))
     for i, (label, s) in enumerate(rows):
         top = PAD_T + 28 + i * row_h
         body.append(
             f'<text x="{label_w - 8}" y="{top + row_h / 2 + 1:.0f}" text-anchor="end" fill="{INK}">'
             f"{_e(label)}</text>"
         )
-        bar_h = (row_h - 8) / 3
-        for j, (key, colour) in enumerate(colours):
+        bar_h = (row_h - 8) / len(_BARS)
+        for j, (key, colour) in enumerate(_BARS):
             v = s.get(key)
             if not v:
                 continue
@@ -318,15 +329,15 @@ def _percentiles(report: Mapping[str, Any]) -> str:
             body.append(
                 f'<rect x="{label_w}" y="{y0:.1f}" width="{max(x(v) - label_w, 1):.1f}" '
                 f'height="{bar_h - 1:.1f}" '
-                f'fill="{colour}"><title>{_e(label)} {key} {_e(_fmt_ms(v))}</title></rect>'
+                f'fill="{colour}"><title>{_e(label)} {key[:-3]} {_e(_fmt_ms(v))}</title></rect>'
             )
-        p99 = s.get("p99")
+        p99 = s.get("p99_ms")
         if p99:
             body.append(
                 f'<text x="{x(p99) + 6:.1f}" y="{top + row_h / 2 + 4:.0f}" fill="{GREY}" font-size="11">'
                 f"p99 {_e(_fmt_ms(p99))} · n={_e(s.get('count'))}</text>"
             )
-    body += _legend([(SKY, "p50", "box"), (BLUE, "p90", "box"), (PURPLE, "p99", "box")], label_w, PAD_T + 8)
+    body += _legend([(c, key[:-3], "box") for key, c in _BARS], label_w, PAD_T + 8)
     return _svg(h, body, "latency percentiles per step")
 
 
@@ -413,14 +424,16 @@ def _card(key: str, value: str, cls: str = "") -> str:
 
 def _steps_table(report: Mapping[str, Any]) -> str:
     head = (
-        "<tr><th>step</th><th class=n>count</th><th class=n>p50</th><th class=n>p90</th><th class=n>p99</th>"
-        "<th class=n>max</th><th class=n>errors</th><th class=n>retries</th></tr>"
+        "<tr><th>step</th><th class=n>count</th><th class=n>p50</th><th class=n>p90</th><th class=n>p95</th>"
+        "<th class=n>p99</th><th class=n>max</th><th class=n>mean</th><th class=n>errors</th>"
+        "<th class=n>retries</th></tr>"
     )
     rows = []
+    keys = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms")
     for step, s in (report.get("steps") or {}).items():
         rows.append(
             f"<tr><td>{_e(step)}</td><td class=n>{_e(s.get('count', 0))}</td>"
-            + "".join(f"<td class=n>{_e(_fmt_ms(s.get(k)))}</td>" for k in ("p50", "p90", "p99", "max"))
+            + "".join(f"<td class=n>{_e(_fmt_ms(s.get(k)))}</td>" for k in keys)
             + f"<td class=n>{_e(s.get('errors', 0))}</td><td class=n>{_e(s.get('retries', 0))}</td></tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
@@ -453,7 +466,7 @@ def _service_check(report: Mapping[str, Any]) -> str:
         else f'<div class="banner bad">Inconsistent: {_e("; ".join(_check_problems(check)))}.</div>'
     )
     rows = "".join(
-        f"<tr><th>{_e(k.replace('_', ' '))}</th><td class=n>{_e(v)}</td></tr>"
+        f"<tr><th>{_e(k.replace('_', ' '))}</th><td class=n>{_e(_value_text(v))}</td></tr>"
         for k, v in check.items()
         if k not in ("ok", "faults_injected")
     )
@@ -469,9 +482,25 @@ def _service_check(report: Mapping[str, Any]) -> str:
     )
 
 
+def _value_text(value: object) -> str:
+    """A JSON value for people: ``yes``/``no``, numbers as written, lists and objects spelled out (never a
+    Python repr such as ``False``, ``None`` or ``['a', 'b']``)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {_value_text(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_value_text(v) for v in value) or "-"
+    return str(value)
+
+
 def _settings_table(settings: Mapping[str, Any]) -> str:
     rows = "".join(
-        f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>"
+        f"<tr><th>{_e(k)}</th><td><code>{_e(_value_text(v))}</code></td></tr>"
         for k, v in settings.items()
         if v is not None
     )
@@ -485,7 +514,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     failed = int(report.get("failed") or 0)
     ended = int(report.get("ended") or 0)
     rate = float(report.get("success_rate") or 0.0)
-    join = report.get("join_latency_ms") or {}
+    join = _latency(report, "join")
     settings = report.get("settings") or {}
     target = settings.get("target") or "embedded simulator"
     cards = [
@@ -495,9 +524,11 @@ def render_html(report: Mapping[str, Any]) -> str:
         *([_card("meeting ended", f"{ended:,}")] if ended else []),
         _card("success rate", f"{100 * rate:.2f}%", "ok" if rate >= 0.999 else "bad"),
         _card("joins / s", joins_per_s_text(report)),
-        _card("join p50", _fmt_ms(join.get("p50"))),
-        _card("join p99", _fmt_ms(join.get("p99"))),
-        _card("join max", _fmt_ms(join.get("max"))),
+        _card("join p50", _fmt_ms(join.get("p50_ms"))),
+        _card("join p95", _fmt_ms(join.get("p95_ms"))),
+        _card("join p99", _fmt_ms(join.get("p99_ms"))),
+        _card("join max", _fmt_ms(join.get("max_ms"))),
+        _card("drops", f"{int(report.get('drops') or 0):,}"),
         _card("rejoins", f"{int(report.get('rejoins') or 0):,}"),
         _card("retries", f"{sum((report.get('retries_by_reason') or {}).values()):,}"),
         _card("duration", f"{float(report.get('duration_s') or 0):.1f} s"),
@@ -541,7 +572,9 @@ def render_html(report: Mapping[str, Any]) -> str:
 {_latency_over_time(report)}</section>
 <section><h2>Throughput</h2>{_throughput(report)}</section>
 <section><h2>Latency percentiles</h2>
-<p class="sub">The <code>events</code> step is the long poll: its time is how long the server held it.</p>
+<p class="sub">The <code>events</code> step is the join's own event polls (connecting, lobby);
+<code>events.parked</code> is the poll parked while a guest is in the meeting: its time is how long the
+server held it, not a service delay.</p>
 {_percentiles(report)}
 {_steps_table(report)}</section>
 <section><h2>Outcomes</h2>{_outcomes(report)}</section>

@@ -377,6 +377,9 @@ class _Slot:
     n: int
     record: GuestRecord | None = None
     lease: Lease | None = None
+    arrived_at: float | None = None
+    joined_at: float | None = None
+    lobby_s: float = 0.0
 
 
 class _JoinSlots:
@@ -661,6 +664,7 @@ class LoadRunner:
 
     async def _guest(self, slot: _Slot, slots: _JoinSlots, arrived: float, held: bool) -> None:
         m = self.metrics
+        slot.arrived_at = arrived
         if not held and not await slots.acquire():
             self._final(slot, "cancelled", "not started", 0)
             return
@@ -737,7 +741,8 @@ class LoadRunner:
             return False
         finally:
             self._joining.discard(task)
-        m.guest_joined(slot.guest_id, self._clock() - arrived, result.lobby_s)
+        slot.joined_at, slot.lobby_s = self._clock(), result.lobby_s
+        m.guest_joined(slot.guest_id, slot.joined_at - arrived, result.lobby_s)
         return True
 
     async def _hold(self, slot: _Slot, guest: Guest) -> None:
@@ -811,9 +816,31 @@ class LoadRunner:
         ):
             outcome, reason = "ended", ENDED_BEFORE_JOIN
         slot.record = GuestRecord(
-            slot.guest_id, slot.asi, outcome, reason, rejoins, conference_of(slot.meeting_url)
+            slot.guest_id,
+            slot.asi,
+            outcome,
+            reason,
+            rejoins,
+            conference_of(slot.meeting_url),
+            **self._timings(slot),
         )
         self.metrics.guest_final(slot.guest_id, outcome, reason)
+
+    def _timings(self, slot: _Slot) -> dict[str, float | None]:
+        """The guest's arrival and join, seconds from the start of the run (and its join and lobby, ms)."""
+        t0 = self.metrics.t0
+        arrived, joined = slot.arrived_at, slot.joined_at
+        out: dict[str, float | None] = {
+            "arrived_at_s": None if arrived is None else round(arrived - t0, 3),
+            "joined_at_s": None,
+            "join_ms": None,
+            "lobby_ms": None,
+        }
+        if arrived is not None and joined is not None:
+            out["joined_at_s"] = round(joined - t0, 3)
+            out["join_ms"] = round(max(joined - arrived - slot.lobby_s, 0.0) * 1000.0, 3)
+            out["lobby_ms"] = round(slot.lobby_s * 1000.0, 3)
+        return out
 
 
 def check_against_service(records: Sequence[GuestRecord], snapshot: Mapping[str, Any]) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def test_ctrl_c_mid_run_writes_the_report(tmp_path: Path) -> None:
     try:
         for line in proc.stderr:
             seen.append(line)
-            if line.startswith("[") and int(line.split("joined ")[1].split("/")[0]) >= 5:
+            if line.startswith("[") and int(line.split("  joined ")[1].split()[0]) >= 5:
                 break
         else:
             pytest.fail("no progress: " + "".join(seen))

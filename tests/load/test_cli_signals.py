@@ -63,7 +63,7 @@ def test_signal_while_holding_leaves_writes_both_reports_and_exits_128_plus_sign
     proc = _start(tmp_path, threaded_sim.flags())
     seen: list[str] = []
     try:
-        _wait_for(proc, seen, f"joined {GUESTS}/{GUESTS}")
+        _wait_for(proc, seen, f"holding  arrived {GUESTS}/{GUESTS}  joined {GUESTS}  ")
         assert threaded_sim.snapshot()["applications"]["live"] == GUESTS
         proc.send_signal(sig)
     finally:
@@ -82,7 +82,7 @@ def test_a_second_ctrl_c_still_writes_both_reports(tmp_path: Path, threaded_sim:
     proc = _start(tmp_path, threaded_sim.flags())
     seen: list[str] = []
     try:
-        _wait_for(proc, seen, f"joined {GUESTS}/{GUESTS}")
+        _wait_for(proc, seen, f"holding  arrived {GUESTS}/{GUESTS}  joined {GUESTS}  ")
         proc.send_signal(signal.SIGINT)
         _wait_for(proc, seen, "SIGINT: stopping")
         proc.send_signal(signal.SIGINT)

@@ -105,16 +105,16 @@ def test_the_json_report_has_the_promised_keys(tmp_path: Path) -> None:
     report = build_report(m, records, settings, started_at=1_700_000_000.0)
     for key in (
         "guests", "joined", "failed", "success_rate", "failures_by_reason", "retries_by_reason", "rejoins",
-        "duration_s", "joins_per_s", "join_latency_ms", "steps", "settings",
+        "duration_s", "joins_per_s", "latency", "steps", "settings",
     ):  # fmt: skip
         assert key in report, key
     assert (report["guests"], report["joined"], report["failed"]) == (100, 99, 1)
     assert report["success_rate"] == 0.99
     assert report["failures_by_reason"] == {"Denied": 1}
     assert report["retries_by_reason"] == {"status 503": 10}
-    assert set(report["join_latency_ms"]) >= {"p50", "p90", "p99", "max"}
-    assert 99 <= report["join_latency_ms"]["p50"] <= 101
-    assert set(report["steps"]["anon_tokens"]) >= {"count", "p50", "p90", "p99", "max"}
+    assert set(report["latency"]["join"]) >= {"p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"}
+    assert 99 <= report["latency"]["join"]["p50_ms"] <= 101
+    assert set(report["steps"]["anon_tokens"]) >= {"count", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"}
     assert report["steps"]["invitations"]["retries"] == 10
     assert "client_secret" not in report["settings"]
     assert "abc" not in json.dumps(report["settings"])
@@ -223,7 +223,19 @@ def test_fail_if_against_a_run() -> None:
     assert report["fail_if"]["breached"] is True
     assert "failed=1 > 0" in report["fail_if"]["detail"]
     ok = build_report(m, records, {}, started_at=0.0, fail_if=parse_fail_if("p50(invitations) > 1s"))
-    assert ok["fail_if"] == {"expression": "p50(invitations) > 1s", "breached": False, "detail": ""}
+    assert ok["fail_if"] == {
+        "expression": "p50(invitations) > 1s",
+        "breached": False,
+        "detail": "",
+        "clauses": [
+            {
+                "expression": "p50(invitations) > 1s",
+                "breached": False,
+                "detail": "",
+                "values": "p50(invitations)=20.0ms > 1s",
+            }
+        ],
+    }
 
 
 def test_progress_mode_selection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -293,11 +305,11 @@ def test_the_mean_is_exact_and_does_not_walk_the_histogram(monkeypatch: pytest.M
 
     monkeypatch.setattr(HdrHistogram, "get_mean_value", walk)
     h = LatencyHistogram()
-    assert h.mean_ms() is None and h.summary()["mean"] is None
+    assert h.mean_ms() is None and h.summary()["mean_ms"] is None
     for seconds in (0.001, 0.002, 0.004, 0.0000001):  # the last one clamps to 1 us
         h.record(seconds)
     assert h.mean_ms() == pytest.approx((1000 + 2000 + 4000 + 1) / 4 / 1000)
-    assert h.summary()["mean"] == 1.75
+    assert h.summary()["mean_ms"] == 1.75
     m, records = _run()
     report = build_report(m, records, {}, started_at=1.0)
-    assert report["join_latency_ms"]["mean"] == 100.0  # every join took 100 ms (less its lobby): exactly
+    assert report["latency"]["join"]["mean_ms"] == 100.0  # every join took 100 ms (less its lobby): exactly
