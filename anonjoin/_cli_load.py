@@ -173,6 +173,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     out.add_argument("--html", default=DEFAULT_HTML, metavar="PATH", help="HTML report (default %(default)s)")
     out.add_argument("--no-html", action="store_true", help="do not write the HTML report")
     out.add_argument(
+        "--csv",
+        metavar="PREFIX",
+        help="also write PREFIX_stats.csv (latency per step) and PREFIX_history.csv (per second), as Locust",
+    )
+    out.add_argument(
+        "--junit",
+        metavar="PATH",
+        help="also write JUnit XML: a test case per --fail-if clause and one per failure reason",
+    )
+    out.add_argument(
         "--fail-if",
         metavar="EXPR",
         help='exit 99 when this holds, e.g. "success_rate<99%% or p95(join)>2s" (a rate is 0..1 or N%%)',
@@ -407,13 +417,14 @@ def run_load_command(ns: argparse.Namespace) -> int:
 
 
 def _load_sync(ns: argparse.Namespace) -> int:
-    from anonjoin._report import write_json, write_text
-    from anonjoin._report_html import render_html
+    from anonjoin._report_formats import csv_paths, write_files
 
     condition, schedule = _plan_inputs(ns)
     check_store_path(ns.store)
+    html = None if ns.no_html else ns.html
+    csv_files = csv_paths(ns.csv) if ns.csv else ()
     # Check the report paths first: a typo should not cost a whole run.
-    for path in (ns.report, None if ns.no_html else ns.html):
+    for path in (ns.report, html, *csv_files, ns.junit):
         if path:
             parent = Path(path).expanduser().absolute().parent
             while not parent.exists() and parent != parent.parent:
@@ -423,10 +434,8 @@ def _load_sync(ns: argparse.Namespace) -> int:
     signals: list[str] = []
     with stop_signals_deferred("load", signals) as reinstall:
         report = asyncio.run(_load(ns, condition, schedule, signals, reinstall))
-        written = [str(write_json(Path(ns.report).expanduser(), report))]
-        if not ns.no_html:
-            written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
-        _print_summary(report, written)
+        files = write_files(report, json=ns.report, html=html, csv=ns.csv, junit=ns.junit)
+        _print_summary(report, [str(f) for f in files])
     if report["interrupted"] or signals:
         return exit_code_for_signal(signals[0]) if signals else EXIT_INTERRUPTED
     if report["fail_if"] and report["fail_if"]["breached"]:
