@@ -55,7 +55,8 @@ def _report(fail_if: str | None = None, reason: str = "Denied") -> dict[str, Any
             m.guest_final(r.guest_id, "joined")
     condition = parse_fail_if(fail_if) if fail_if else None
     report = build_report(m, records, {"guests": 10}, started_at=1_700_000_000.0, fail_if=condition)
-    return json.loads(json.dumps(report))  # as read back from the JSON file
+    back: dict[str, Any] = json.loads(json.dumps(report))  # as read back from the JSON file
+    return back
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
