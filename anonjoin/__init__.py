@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
     from anonjoin._prometheus import MetricsCollector, serve_metrics
     from anonjoin._protocol import GuestState
+    from anonjoin._report import GuestRecord, build_report
+    from anonjoin._report_formats import write_report
     from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
     from anonjoin._runner import (
         ArrivalSchedule,
@@ -76,6 +78,7 @@ __all__ = [
     "GuestEvent",
     "GuestGrant",
     "GuestOutcome",
+    "GuestRecord",
     "GuestState",
     "Hooks",
     "InsecureTarget",
@@ -109,8 +112,10 @@ __all__ = [
     "TargetSettings",
     "TransportError",
     "__version__",
+    "build_report",
     "run_load",
     "serve_metrics",
+    "write_report",
 ]
 
 # name -> the private module that defines it (imported on first access)
@@ -130,6 +135,7 @@ _LAZY: dict[str, str] = {
     "GuestEvent": "anonjoin._events",
     "GuestGrant": "anonjoin._models",
     "GuestOutcome": "anonjoin._models",
+    "GuestRecord": "anonjoin._report",
     "GuestState": "anonjoin._protocol",
     "Hooks": "anonjoin._events",
     "JoinResult": "anonjoin._models",
@@ -152,8 +158,10 @@ _LAZY: dict[str, str] = {
     "StepEvent": "anonjoin._events",
     "Steps": "anonjoin._runner",
     "TargetSettings": "anonjoin._settings",
+    "build_report": "anonjoin._report",
     "run_load": "anonjoin._runner",
     "serve_metrics": "anonjoin._prometheus",
+    "write_report": "anonjoin._report_formats",
 }
 
 

@@ -139,7 +139,14 @@ def build_report(
     warnings: Sequence[str] = (),
     service_check: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict. ``started_at`` is the run's wall-clock start (Unix seconds)."""
+    """A load run's report as a JSON-ready dict (the keys: see this module's docstring, ``REPORT_SCHEMA``).
+
+    ``metrics`` and ``guests`` are a :class:`~anonjoin.LoadResult`'s; ``settings`` the run's settings to
+    record (secret-named keys are dropped, tokens scrubbed from strings); ``started_at`` the run's
+    wall-clock start (Unix seconds, ``LoadResult.started_at``). ``fail_if``: a parsed ``--fail-if``
+    condition, evaluated into ``report["fail_if"]`` (each clause too). Stops ``metrics``' clock.
+    :func:`anonjoin.write_report` builds and writes it in one call.
+    """
     metrics.finish()
     counts = {"joined": 0, "failed": 0, "ended": 0, "cancelled": 0}
     for g in guests:

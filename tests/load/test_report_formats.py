@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
+import anonjoin
 from anonjoin._cli import main
 from anonjoin._events import StepEvent
 from anonjoin._exceptions import ConfigurationError
 from anonjoin._metrics import Metrics
 from anonjoin._report import GuestRecord, build_report, parse_fail_if
 from anonjoin._report_formats import junit_xml, write_csv, write_files, write_junit, write_report
+from anonjoin.simulator import Simulator
 
 
 class FakeClock:
@@ -212,3 +214,43 @@ def test_load_checks_the_csv_and_junit_paths_first(
     assert main(["load", "--guests", "2", "--progress", "off", "--csv", "file/run"]) == 2
     assert "file is not a directory" in capsys.readouterr().err
     assert not (tmp_path / "anonjoin-report.json").exists()  # refused before the run
+
+
+async def test_write_report_from_a_load_result(sim: Simulator, tmp_path: Path) -> None:
+    info = sim.info
+    plan = anonjoin.LoadPlan(guests=4, meeting_urls=[info.meeting_url], origin=info.origin, hold_s=0.0)
+    async with anonjoin.ClientSecretCredential(
+        authority=info.authority,
+        client_id=info.client_id,
+        client_secret=info.client_secret,
+        scope=info.scope,
+        ca_file=info.ca_file,
+    ) as credential:
+        result = await anonjoin.run_load(
+            plan,
+            discover_url=info.discover_url,
+            endpoint_id=info.endpoint_id,
+            credential=credential,
+            ca_file=info.ca_file,
+            store=anonjoin.MemorySessionStore(),
+        )
+    assert all(isinstance(g, anonjoin.GuestRecord) for g in result.guests)
+    report = anonjoin.write_report(
+        result,
+        json=tmp_path / "r.json",
+        html=tmp_path / "r.html",
+        csv=tmp_path / "r",
+        junit=tmp_path / "r.xml",
+        settings={"guests": 4, "client_secret": info.client_secret},
+        fail_if="failed > 0 or p99(join) > 1ms",
+    )
+    assert report["joined"] == 4 and report["fail_if"]["breached"] is True
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    files = ("r.json", "r.html", "r_stats.csv", "r_history.csv", "r.xml")
+    assert info.client_secret not in "".join((tmp_path / name).read_text() for name in files)
+    assert {r["name"] for r in _rows(tmp_path / "r_stats.csv")} >= {"join", "anon_tokens", "invitations"}
+    failures = ET.parse(tmp_path / "r.xml").getroot().findall("testsuite/testcase/failure")
+    assert len(failures) == 1 and failures[0].get("message", "").startswith("breached: p99(join)=")
+    assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+    with pytest.raises(ConfigurationError, match="--fail-if"):
+        anonjoin.write_report(result, fail_if="nonsense > 1")
