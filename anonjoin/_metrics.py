@@ -149,8 +149,14 @@ class LatencyHistogram:
     def summary(self, percentiles: Iterable[float] = PERCENTILES) -> dict[str, float | int | None]:
         """``{count, p50_ms, p90_ms, p95_ms, p99_ms, max_ms, mean_ms}`` (``None`` for no data)."""
         out: dict[str, float | int | None] = {"count": self.count}
-        for q in percentiles:
-            out[f"p{q:g}_ms"] = _round(self.percentile_ms(q))
+        qs = list(percentiles)
+        # one walk of the buckets for all of them (get_value_at_percentile walks once per percentile)
+        values = self._h.get_percentile_to_value_dict([q for q in qs if q < 100]) if self.count else {}
+        for q in qs:
+            if q >= 100 or not self.count:
+                out[f"p{q:g}_ms"] = _round(self.percentile_ms(q))
+            else:
+                out[f"p{q:g}_ms"] = _round(float(values[q]) / 1000.0)
         out["max_ms"] = _round(self.max_ms())
         out["mean_ms"] = _round(self.mean_ms())
         return out

@@ -4,8 +4,11 @@ in every step, the parked poll apart from the join's own polls, and the HTML set
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from anonjoin._auth import ClientSecretCredential
 from anonjoin._events import GuestEvent, StepEvent
@@ -160,3 +163,21 @@ def test_the_html_settings_have_no_python_reprs() -> None:
     assert "<code>1, 2</code>" in table and "<code>a -, b yes</code>" in table
     assert "<code>p95(join) &gt; 2s</code>" in table
     assert "<th>faults</th>" not in table  # unset settings are left out
+
+
+def test_a_summary_walks_once_and_agrees_with_each_percentile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hdrh.histogram import HdrHistogram
+
+    from anonjoin._metrics import LatencyHistogram
+
+    rng = random.Random(7)
+    for n in (1, 2, 9, 2000):
+        h = LatencyHistogram()
+        for _ in range(n):
+            h.record(rng.expovariate(8.0))
+        expected = {f"p{q:g}_ms": round(h.percentile_ms(q) or 0.0, 3) for q in (50, 90, 95, 99, 99.9, 100)}
+        with monkeypatch.context() as patch:
+            patch.setattr(HdrHistogram, "get_value_at_percentile", None)  # a walk per percentile: not used
+            summary = h.summary((50, 90, 95, 99, 99.9, 100))
+        assert {k: summary[k] for k in expected} == expected
+        assert summary["count"] == n
