@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anonjoin._exceptions import ConfigurationError
-from anonjoin._report import Condition, build_report, parse_fail_if, write_json, write_text
+from anonjoin._report import (
+    REPORT_SCHEMA,
+    Condition,
+    build_report,
+    parse_fail_if,
+    write_json,
+    write_text,
+)
+from anonjoin._version import __version__
 
 if TYPE_CHECKING:
     from anonjoin._runner import LoadResult
@@ -186,7 +194,16 @@ def write_files(
     csv: StrPath | None = None,
     junit: StrPath | None = None,
 ) -> list[Path]:
-    """Write ``report`` in each format given a path (``csv``: a prefix); returns the files written."""
+    """Write ``report`` in each format given a path (``csv``: a prefix); returns the files written.
+
+    ``report`` must be of this version's schema (``REPORT_SCHEMA``): another is refused with
+    ``ConfigurationError``, before anything is written."""
+    schema = report.get("schema")
+    if schema != REPORT_SCHEMA:
+        raise ConfigurationError(
+            f"the report's schema is {schema!r}; this anonjoin {__version__} writes {REPORT_SCHEMA} reports "
+            "(build it again from the run, or use the anonjoin version that made it)"
+        )
     written: list[Path] = []
     if json is not None:
         written.append(write_json(Path(json).expanduser(), report))
@@ -215,10 +232,11 @@ def write_report(
 
     ``result`` is what :func:`anonjoin.run_load` returned (its report is built here, with ``settings``,
     secrets removed, and ``fail_if``, an expression as for ``anonjoin load --fail-if``), or a report dict
-    already built (for example one read back from a JSON file, or merged from several shards), which is
-    written as it is. Each of ``json``, ``html``, ``junit`` is a file path, ``csv`` a prefix
-    (``PREFIX_stats.csv``, ``PREFIX_history.csv``); the formats not given are not written. Files are
-    written atomically. A bad ``fail_if`` or a path that cannot be written raises ``ConfigurationError``.
+    already built (for example one read back from a JSON file, or merged from several shards) of this
+    version's schema, which is written as it is. Each of ``json``, ``html``, ``junit`` is a file path,
+    ``csv`` a prefix (``PREFIX_stats.csv``, ``PREFIX_history.csv``); the formats not given are not
+    written. Files are written atomically. A bad ``fail_if``, a report of another schema or a path that
+    cannot be written raises ``ConfigurationError``.
     """
     if isinstance(result, Mapping):
         if settings is not None or fail_if is not None:

@@ -183,6 +183,12 @@ def test_write_report_from_a_result_and_from_a_report(tmp_path: Path) -> None:
     assert (tmp_path / "again.xml").read_text() == (tmp_path / "j.xml").read_text()
     with pytest.raises(ConfigurationError, match="apply to a LoadResult"):
         write_report(report, fail_if="failed > 0")
+    old = {**report, "schema": "anonjoin.load-report/1"}
+    with pytest.raises(
+        ConfigurationError, match=r"schema is 'anonjoin.load-report/1'.* writes anonjoin.load-"
+    ):
+        write_report(old, json=tmp_path / "old.json")
+    assert not (tmp_path / "old.json").exists()
 
 
 @pytest.mark.usefixtures("no_target_env")
