@@ -175,7 +175,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     out.add_argument(
         "--csv",
         metavar="PREFIX",
-        help="also write PREFIX_stats.csv (latency per step) and PREFIX_history.csv (per second), as Locust",
+        help="also write PREFIX_stats.csv (latency per step) and PREFIX_history.csv (per second), "
+        "as Locust's --csv",
     )
     out.add_argument(
         "--junit",
