@@ -37,12 +37,14 @@ from anonjoin._events import GuestEvent, Hooks, StepEvent
 __all__ = [
     "PARKED_POLL",
     "PERCENTILES",
+    "PHASES",
     "FinalOutcome",
     "LatencyHistogram",
     "Metrics",
     "Phase",
     "Progress",
     "SecondBucket",
+    "earliest_phase",
 ]
 
 FinalOutcome = Literal["joined", "failed", "ended", "cancelled"]
@@ -50,6 +52,13 @@ Phase = Literal["starting", "arriving", "holding", "leaving", "done"]
 """Where a run is: ``starting`` (setup: token, discovery, meetings), ``arriving`` (guests arriving or joins
 in flight), ``holding`` (every guest arrived and settled, the joined ones are held), ``leaving`` (the first
 held guest has left, or the run was stopped), ``done`` (the run's clock has stopped)."""
+PHASES: tuple[Phase, ...] = ("starting", "arriving", "holding", "leaving", "done")
+
+
+def earliest_phase(phases: Iterable[Phase]) -> Phase:
+    """The least advanced of ``phases`` (the phase of a run made of shards); ``starting`` for none."""
+    return min(phases, key=PHASES.index, default="starting")
+
 
 _LOWEST_US = 1
 _HIGHEST_US = 3_600_000_000  # one hour

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, StoreError
-from anonjoin._metrics import Metrics
+from anonjoin._metrics import Metrics, earliest_phase
 from anonjoin._metrics import Progress as Snapshot
 from anonjoin._retry import RejoinPolicy, RetryPolicy
 from anonjoin._runner import STORE_BATCH, LoadPlan, LoadRunner, Shard, pool_size, run_load
@@ -247,6 +247,8 @@ class ShardProgress:
                 total[name] = max([s.elapsed_s for s in snaps], default=self._clock() - self._t0)
             elif name == "guests":
                 total[name] = self.guests
+            elif name == "phase":
+                total[name] = earliest_phase(s.phase for s in snaps)
             else:
                 total[name] = sum(getattr(s, name) for s in snaps)
         return Snapshot(**total)

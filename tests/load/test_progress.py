@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from anonjoin._events import GuestEvent
-from anonjoin._metrics import Metrics
+from anonjoin._metrics import Metrics, earliest_phase
 from anonjoin._progress import ProgressDisplay, bar_text, clock_text, format_line
 
 
@@ -160,3 +160,25 @@ async def test_plain_lines_show_the_phase_and_the_clock() -> None:
     assert len(lines) == 2
     assert lines[0].startswith("[   20.0s] holding ")
     assert lines[1].startswith("[   20.0s] done ")
+
+
+def test_the_phase_of_shards_is_the_least_advanced_one() -> None:
+    from anonjoin._sharded import ShardProgress
+
+    assert earliest_phase([]) == "starting"
+    assert earliest_phase(["done", "holding", "leaving"]) == "holding"
+    live = ShardProgress(4, 2, clock=FakeClock())
+    first, second = _metrics(2), _metrics(2)
+    for m, _ in (first, second):
+        m.start()
+        _arrive_and_join(m, "g1")
+        _arrive_and_join(m, "g2")
+    first[0].on_guest(GuestEvent("g1", "left", None, "asi", 0.0))
+    first[0].guest_final("g1", "joined")
+    live.update(0, first[0].progress())
+    live.update(1, second[0].progress())
+    p = live.progress()
+    assert (p.phase, p.joined, p.joined_now) == ("holding", 4, 3)  # one shard leaving, one still holding
+    second[0].guest_final("g1", "joined")
+    live.update(1, second[0].progress())
+    assert live.progress().phase == "leaving"

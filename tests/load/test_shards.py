@@ -223,7 +223,7 @@ def test_merge_interleaves_guests_and_refuses_what_is_not_one_run() -> None:
     assert [g.guest_id for g in merged.guests] == [f"guest-{n:04d}" for n in range(1, 11)]
     assert merged.metrics.first_joins == 10 and not merged.missing and not merged.warnings
     report = build_report(merged.metrics, merged.guests, merged.settings, started_at=merged.started_at)
-    assert report["joined"] == 10 and report["join_latency_ms"]["count"] == 10
+    assert report["joined"] == 10 and report["latency"]["join"]["count"] == 10
 
     with pytest.raises(ConfigurationError, match="given twice"):
         merge_results([parts[0], parts[0], parts[1]])
@@ -301,7 +301,7 @@ async def test_two_shards_on_one_simulator_merge_into_the_whole_run(sim: Simulat
     assert len({g.application_session_id for g in merged.guests}) == 41
     report = build_report(merged.metrics, merged.guests, merged.settings, started_at=merged.started_at)
     assert report["joined"] == 41 and report["arrived"] == 41
-    assert report["join_latency_ms"]["count"] == 41
+    assert report["latency"]["join"]["count"] == 41
     assert sum(b["joins"] for b in report["throughput"]) == 41
     assert report["started_at"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(start_at)))
     snapshot = sim.snapshot()
