@@ -25,15 +25,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from anonjoin import _report
 from anonjoin._exceptions import ConfigurationError
-from anonjoin._report import (
-    REPORT_SCHEMA,
-    Condition,
-    build_report,
-    parse_fail_if,
-    write_json,
-    write_text,
-)
+from anonjoin._report import REPORT_SCHEMA, Condition, build_report, parse_fail_if
 from anonjoin._version import __version__
 
 if TYPE_CHECKING:
@@ -98,8 +92,8 @@ def write_csv(report: Mapping[str, Any], prefix: StrPath) -> tuple[Path, Path]:
         joins_total += int(bucket.get("joins") or 0)
         failures_total += int(bucket.get("failures") or 0)
         history.append({**bucket, "joins_total": joins_total, "failures_total": failures_total})
-    write_text(stats_path, _csv_text(STATS_COLUMNS, stats))
-    write_text(history_path, _csv_text(HISTORY_COLUMNS, history))
+    _report.write_text(stats_path, _csv_text(STATS_COLUMNS, stats))
+    _report.write_text(history_path, _csv_text(HISTORY_COLUMNS, history))
     return stats_path, history_path
 
 
@@ -180,7 +174,7 @@ def junit_xml(report: Mapping[str, Any]) -> str:
 
 def write_junit(report: Mapping[str, Any], path: StrPath) -> Path:
     """Write ``report`` as JUnit XML to ``path`` (atomically); returns the path."""
-    return write_text(Path(path).expanduser(), junit_xml(report))
+    return _report.write_text(Path(path).expanduser(), junit_xml(report))
 
 
 # -- all of them -----------------------------------------------------------------------------------
@@ -206,11 +200,11 @@ def write_files(
         )
     written: list[Path] = []
     if json is not None:
-        written.append(write_json(Path(json).expanduser(), report))
+        written.append(_report.write_json(Path(json).expanduser(), report))
     if html is not None:
         from anonjoin._report_html import render_html
 
-        written.append(write_text(Path(html).expanduser(), render_html(report)))
+        written.append(_report.write_text(Path(html).expanduser(), render_html(report)))
     if csv is not None:
         written.extend(write_csv(report, csv))
     if junit is not None:
