@@ -20,6 +20,7 @@ from typing import Literal, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Column
 
 from anonjoin._metrics import Metrics
 from anonjoin._metrics import Progress as Snapshot
@@ -60,18 +61,18 @@ def format_line(p: Snapshot) -> str:
 
 
 def bar_text(p: Snapshot) -> str:
-    """The counts beside the bar (rich markup)."""
+    """The counts beside the bar (rich markup; lobby, ended, cancelled and rejoins only when not 0)."""
     parts = [
         f"arrived {p.arrived}/{p.guests}",
         f"[green]joined {p.joined}[/]",
         f"in meeting {p.joined_now}",
-        f"[cyan]in lobby {p.in_lobby}[/]",
+        *([f"[cyan]in lobby {p.in_lobby}[/]"] if p.in_lobby else []),
         f"[red]failed {p.failed}[/]",
         *([f"ended {p.ended}"] if p.ended else []),
         *([f"cancelled {p.cancelled}"] if p.cancelled else []),
         f"drops {p.drops}",
         f"[yellow]retries {p.retries}[/]",
-        f"rejoins {p.rejoins}",
+        *([f"rejoins {p.rejoins}"] if p.rejoins else []),
         f"{p.joins_per_s:.0f} joins/s",
     ]
     return " · ".join(parts)
@@ -100,11 +101,16 @@ class ProgressDisplay:
         self._bar: TaskID | None = None
         if self.mode == "bar":
             self._progress = Progress(
-                TextColumn("[bold]anonjoin load"),
-                TextColumn("{task.fields[phase]:<8}"),
-                BarColumn(bar_width=None),
-                TextColumn("{task.fields[text]}"),
-                TextColumn("[progress.elapsed]{task.fields[clock]}"),
+                # the phase and the clock are never cut; on a narrow terminal the counts are
+                TextColumn("[bold]anonjoin load", table_column=Column(no_wrap=True, width=13)),
+                TextColumn("{task.fields[phase]}", table_column=Column(no_wrap=True, width=8)),
+                BarColumn(bar_width=None, table_column=Column(width=16)),
+                TextColumn(
+                    "[progress.elapsed]{task.fields[clock]}", table_column=Column(no_wrap=True, width=8)
+                ),
+                TextColumn(
+                    "{task.fields[text]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)
+                ),
                 console=console or Console(file=self._stream, stderr=self._stream is sys.stderr),
                 auto_refresh=False,
                 transient=False,

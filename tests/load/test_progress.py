@@ -4,6 +4,7 @@ and joined / failed / ended kept apart. An injected clock drives the metrics; no
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from rich.console import Console
@@ -182,3 +183,19 @@ def test_the_phase_of_shards_is_the_least_advanced_one() -> None:
     second[0].guest_final("g1", "joined")
     live.update(1, second[0].progress())
     assert live.progress().phase == "leaving"
+
+
+async def test_a_narrow_terminal_cuts_the_counts_not_the_phase_or_the_clock() -> None:
+    m, clock = _metrics(500)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=60, color_system=None)
+    async with ProgressDisplay(m, console=console, interval_s=3600):
+        m.start()
+        for i in range(300):
+            _arrive_and_join(m, f"g{i}")
+        clock.now += 3723.0
+    last = [
+        line for line in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue()).splitlines() if line.strip()
+    ]
+    tail = last[-1]
+    assert "arriving" in tail and "1:02:03" in tail and "…" in tail
