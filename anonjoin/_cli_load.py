@@ -16,6 +16,12 @@ Every guest's applicationSessionId comes from the session store (``--store``; de
 shares one store between several instances; its credentials are never printed. With a file or Redis store,
 ``load`` and ``rejoin`` hold a lease per guest while they keep it (``rejoin`` is refused while another
 instance holds the guest).
+
+The store keeps each run's guests apart: a guest id is one guest per target (discover URL, endpoint id,
+meeting) and run id. A ``load`` without ``--run-id`` gets a new run id (printed, and in the report's
+settings); ``--run-id NAME`` resumes that run's guests with their applicationSessionIds. ``sessions`` lists
+the run and target of each guest (``--run-id`` to filter); ``rejoin --guest ID`` needs ``--run-id`` when
+several runs of the target given have that guest id.
 """
 
 from __future__ import annotations
@@ -93,6 +99,19 @@ def _store_flag(parser: argparse._ActionsContainer) -> None:
     )
 
 
+def _run_id(text: str) -> str:
+    from anonjoin._store import check_run_id
+
+    try:
+        return check_run_id(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run_id_flag(parser: argparse._ActionsContainer, help_text: str) -> None:
+    parser.add_argument("--run-id", type=_run_id, metavar="NAME", help=help_text)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     load = subparsers.add_parser(
         "load",
@@ -145,6 +164,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--lobby-timeout", type=positive_float, default=None, metavar="S", help="lobby wait limit"
+    )
+    _run_id_flag(
+        run,
+        "reuse the guests (applicationSessionIds) of that earlier run against the same target; default: a "
+        "new run id of this run's own, printed and in the report's settings",
     )
     run.add_argument(
         "--shared-throttle",
@@ -209,6 +233,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     rejoin.add_argument("--guest", required=True, metavar="ID", help="the guest id (see anonjoin sessions)")
+    _run_id_flag(rejoin, "the run the guest belongs to, when several runs have that guest id")
     rejoin.add_argument("--hold", type=non_negative_float, default=0.0, metavar="S", help="stay this long")
     rejoin.add_argument("--json", action="store_true", help="print one JSON object")
     _store_flag(rejoin)
@@ -218,6 +243,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sessions = subparsers.add_parser("sessions", help="list the session store")
     sessions.add_argument("--json", action="store_true", help="print JSON (one array)")
     sessions.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the newest N only")
+    _run_id_flag(sessions, "only the guests of this run")
     _store_flag(sessions)
     sessions.set_defaults(run=run_sessions_command)
 
@@ -457,6 +483,7 @@ async def _load(
     from anonjoin._report import build_report, plural
     from anonjoin._retry import RetryPolicy
     from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
+    from anonjoin._store import SessionScope, in_scope, new_run_id
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -498,6 +525,14 @@ async def _load(
         async with _target(ns, settings) as target:
             t = target.settings
             assert t.discover_url and t.endpoint_id and t.meeting_url and t.origin
+            run_id = ns.run_id or new_run_id()
+            scope = SessionScope.for_target(
+                discover_url=t.discover_url,
+                endpoint_id=t.endpoint_id,
+                meeting_url=t.meeting_url,
+                run_id=run_id,
+            )
+            store = in_scope(store, scope)  # a view: closing it closes the store
             meetings = ns.meetings or (DEFAULT_SIM_MEETINGS if target.embedded else 1)
             shared_throttle = (not target.embedded) if ns.shared_throttle is None else ns.shared_throttle
             plan = LoadPlan(
@@ -527,12 +562,13 @@ async def _load(
                 "guest_prefix": ns.guest_prefix,
                 "lobby_timeout_s": ns.lobby_timeout,
                 "store": store_label(ns.store),
+                "run_id": run_id,
                 "fail_if": ns.fail_if,
                 "endpoint_id": t.endpoint_id,
             }
             print(
                 f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
-                f"over {meetings} meeting(s) of {target.label}",
+                f"over {meetings} meeting(s) of {target.label}; run id {run_id} (--run-id to resume it)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -656,18 +692,58 @@ def run_rejoin_command(ns: argparse.Namespace) -> int:
     return _guarded("rejoin", lambda: asyncio.run(_rejoin(ns)))
 
 
+def _describe_target(target: str) -> str:
+    """A scope's target fit to print: the discover URL (redacted) and the endpoint id; ``-`` for none."""
+    parts = target.split(" ")
+    if len(parts) < 2:
+        return "-"
+    return f"{redact_url(parts[0])} {parts[1]}"
+
+
+def _describe_run(run_id: str) -> str:
+    return run_id or "(legacy)"
+
+
+def _no_session(guest: str, run_id: str | None) -> ConfigurationError:
+    where = f" of run {run_id}" if run_id else ""
+    return ConfigurationError(
+        f"no session for guest {guest!r}{where} in the store (anonjoin sessions lists the guests)"
+    )
+
+
+def _pick_session(guest: str, found: Sequence[Any], settings: TargetSettings) -> Any:
+    """The one record ``rejoin --guest`` means among ``found`` (of ``--run-id`` if given): the one of the
+    target given (a legacy record, made before runs had ids, fits any). Several: a one-line error."""
+    if len(found) == 1:
+        return found[0]
+    prefix = f"{settings.discover_url} {settings.endpoint_id} "
+
+    def fits(r: Any) -> bool:
+        if not r.target:
+            return True
+        if not r.target.startswith(prefix):
+            return False
+        return settings.meeting_url is None or r.target[len(prefix) :] == settings.meeting_url
+
+    fitting = [r for r in found if fits(r)]
+    if len(fitting) == 1:
+        return fitting[0]
+    listed = "; ".join(f"{_describe_run(r.run_id)} ({_describe_target(r.target)})" for r in fitting or found)
+    raise ConfigurationError(
+        f"guest {guest!r} is in {len(fitting or found)} runs: {listed}; give --run-id to say which"
+    )
+
+
 async def _rejoin(ns: argparse.Namespace) -> int:
     from anonjoin._client import Client
-    from anonjoin._store import DEFAULT_LEASE_S
+    from anonjoin._store import DEFAULT_LEASE_S, find_sessions, in_scope
 
-    store = await open_store_ready(ns.store, create=False)
+    base = await open_store_ready(ns.store, create=False)
     try:
-        record = await store.get(ns.guest)
-        if record is None:
-            raise ConfigurationError(
-                f"no session for guest {ns.guest!r} in the store (anonjoin sessions lists the guests)"
-            )
-        settings = settings_from_args(ns, display_name=record.display_name)
+        found = await find_sessions(base, ns.guest, ns.run_id)
+        if not found:
+            raise _no_session(ns.guest, ns.run_id)
+        settings = settings_from_args(ns, display_name=found[0].display_name)
         if not is_target(settings):
             raise ConfigurationError(
                 "rejoin needs the target the guest joined: give --discover-url and the other target flags, "
@@ -675,10 +751,13 @@ async def _rejoin(ns: argparse.Namespace) -> int:
             )
         settings.require(*REQUIRED_FOR_TARGET)
         assert settings.discover_url and settings.endpoint_id
+        record = _pick_session(ns.guest, found, settings)
+        store = in_scope(base, record.scope)  # the guest's run and target: its lease, its record
         meeting_url = settings.meeting_url or record.meeting_url
         origin = settings.origin or record.origin
         out: dict[str, Any] = {
             "guest_id": record.guest_id,
+            "run_id": record.run_id or None,
             "application_session_id": record.application_session_id,
             "meeting": redact_url(meeting_url),
             "outcome": "failed",
@@ -753,7 +832,7 @@ async def _rejoin(ns: argparse.Namespace) -> int:
             _emit_rejoin(ns, out, None)
         return code
     finally:
-        await store.aclose()
+        await base.aclose()
 
 
 def _emit_rejoin(ns: argparse.Namespace, out: dict[str, Any], took: float | None) -> None:
@@ -778,9 +857,11 @@ def run_sessions_command(ns: argparse.Namespace) -> int:
 
 
 async def _sessions(ns: argparse.Namespace) -> int:
+    from anonjoin._store import list_sessions
+
     store = await open_store_ready(ns.store, create=False)
     try:
-        records = await store.list()
+        records = await list_sessions(store, ns.run_id)
     finally:
         await store.aclose()
     if ns.limit is not None:
@@ -791,9 +872,20 @@ async def _sessions(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    columns = ("guest", "applicationSessionId", "meeting", "last outcome", "rejoins", "updated (UTC)")
+    columns = (
+        "run",
+        "target",
+        "guest",
+        "applicationSessionId",
+        "meeting",
+        "last outcome",
+        "rejoins",
+        "updated (UTC)",
+    )
     rows = [
         (
+            _describe_run(r.run_id),
+            _describe_target(r.target),
             r.guest_id,
             r.application_session_id,
             redact_url(r.meeting_url),
