@@ -51,6 +51,7 @@ from anonjoin._cli_common import (
     EXIT_THRESHOLDS,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
+    RUN_FIELDS,
     STOP_SIGNALS,
     add_target_arguments,
     exit_code_for_signal,
@@ -59,6 +60,8 @@ from anonjoin._cli_common import (
     non_negative_int,
     positive_float,
     positive_int,
+    resolve_run_settings,
+    run_settings,
     settings_from_args,
     simulator_settings,
     stderr_log_handler,
@@ -221,6 +224,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     out.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
     _store_flag(out)
     add_target_arguments(load, display_name=False)
+    run_settings(load, RUN_FIELDS)  # also from ANONJOIN_<NAME> or the --config file
     load.set_defaults(run=run_load_command)
 
     rejoin = subparsers.add_parser(
@@ -238,6 +242,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rejoin.add_argument("--json", action="store_true", help="print one JSON object")
     _store_flag(rejoin)
     add_target_arguments(rejoin, display_name=False)
+    run_settings(rejoin, ("store", "run_id"))
     rejoin.set_defaults(run=run_rejoin_command)
 
     sessions = subparsers.add_parser("sessions", help="list the session store")
@@ -429,7 +434,7 @@ async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIter
 
 def run_load_command(ns: argparse.Namespace) -> int:
     with _logging(bool(ns.verbose), ns.log_format):
-        return _guarded("load", lambda: _load_sync(ns))
+        return _guarded("load", lambda: _load_sync(resolve_run_settings(ns)))
 
 
 def _load_sync(ns: argparse.Namespace) -> int:
@@ -689,7 +694,7 @@ def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
 
 
 def run_rejoin_command(ns: argparse.Namespace) -> int:
-    return _guarded("rejoin", lambda: asyncio.run(_rejoin(ns)))
+    return _guarded("rejoin", lambda: asyncio.run(_rejoin(resolve_run_settings(ns))))
 
 
 def _describe_target(target: str) -> str:
