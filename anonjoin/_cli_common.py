@@ -167,9 +167,47 @@ def positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every command's help: descriptions wrapped to the terminal; a paragraph whose lines after the first
+    are indented (``examples:``, then the commands) kept as written; every default shown (an option whose
+    help does not say its default gets ``(default: X)``)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = []
+        for block in text.strip("\n").split("\n\n"):
+            lines = block.splitlines()
+            if len(lines) > 1 and all(line.startswith(" ") for line in lines[1:]):
+                blocks.append("\n".join(indent + line for line in lines))
+            else:
+                blocks.append(super()._fill_text(block, width, indent))
+        return "\n\n".join(blocks)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default.value if isinstance(action.default, Default) else action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default == ""
+            or default == argparse.SUPPRESS
+            or any(said in text for said in ("(default", "default:", "; default"))
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+_PLAIN_FORMATTERS = (argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (what is wrong, then where the help is), not the
-    usage block first; exit 2."""
+    usage block first; exit 2. Its help is :class:`HelpFormatter`'s (examples kept, defaults shown)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("formatter_class", argparse.HelpFormatter) in _PLAIN_FORMATTERS:
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}; see: {self.prog} --help\n")

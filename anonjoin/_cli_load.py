@@ -86,6 +86,42 @@ MEMORY_STORE = ":memory:"
 
 log = logging.getLogger("anonjoin.cli")
 
+LOAD_EXAMPLES = """\
+exit codes: 0 ok; 1 the run failed (no guest joined, a service error); 2 bad input; 99 --fail-if breached;
+130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (guests leave, reports written)
+
+run settings (--guests ... --run-id) can also be given as ANONJOIN_<NAME> (ANONJOIN_GUESTS=500) or in the
+--config file (guests = 500, fail_if = "..."): flags override the environment, which overrides the file.
+
+examples:
+  anonjoin load --guests 200 --ramp 10..50/30s --faults flaky
+      200 guests against the embedded simulator, arrivals ramping from 10/s to 50/s, with faults
+  anonjoin load --config contoso.toml --guests 50 --hold 60 --fail-if "p95(join)>2s"
+      a deployment; exit 99 when the 95th percentile join takes more than 2 s
+  anonjoin load --config contoso.toml --run-id nightly
+      the guests of run nightly again, with the same applicationSessionIds
+"""
+
+REJOIN_EXAMPLES = """\
+examples:
+  anonjoin rejoin --guest guest-0002 --config contoso.toml
+      guest-0002 again with its stored applicationSessionId, then leave
+  anonjoin rejoin --guest guest-0002 --run-id nightly --hold 60 --config contoso.toml
+      the guest-0002 of run nightly (when several runs have one), held 60 s
+  anonjoin rejoin --guest guest-0002 --config contoso.toml --json
+      one JSON object: the outcome and the applicationSessionId
+"""
+
+SESSIONS_EXAMPLES = """\
+examples:
+  anonjoin sessions
+      every guest of the default store, as a table
+  anonjoin sessions --run-id nightly --limit 20
+      the 20 guests of run nightly updated last
+  anonjoin sessions --store redis://localhost:6379/0 --json
+      a shared Redis store, as one JSON array
+"""
+
 
 # -- flags -----------------------------------------------------------------------------------------
 
@@ -124,10 +160,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "joined, then left; live progress; a JSON and an HTML report. With no target, the embedded "
             "simulator is started (with --faults) and loaded."
         ),
-        epilog=(
-            "exit codes: 0 ok; 1 the run failed (no guest joined, a service error); 2 bad input; "
-            "99 --fail-if breached; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (guests leave, reports written)"
-        ),
+        epilog=LOAD_EXAMPLES,
     )
     run = load.add_argument_group("the run")
     run.add_argument("--guests", type=positive_int, default=DEFAULT_GUESTS, help="guests (default 300)")
@@ -233,8 +266,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Rejoin one guest of the session store (for example after a restart) with the same "
             "applicationSessionId, hold it, then leave. The target comes from the flags, the ANONJOIN_* "
-            "environment or --config; the meeting and origin from the store unless given."
+            "environment or --config; the meeting and origin from the store unless given. A guest id is "
+            "one guest per run and target: when several runs of the target have it, --run-id says which."
         ),
+        epilog=REJOIN_EXAMPLES,
     )
     rejoin.add_argument("--guest", required=True, metavar="ID", help="the guest id (see anonjoin sessions)")
     _run_id_flag(rejoin, "the run the guest belongs to, when several runs have that guest id")
@@ -245,7 +280,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run_settings(rejoin, ("store", "run_id"))
     rejoin.set_defaults(run=run_rejoin_command)
 
-    sessions = subparsers.add_parser("sessions", help="list the session store")
+    sessions = subparsers.add_parser(
+        "sessions",
+        help="list the session store",
+        description=(
+            "List the guests the session store holds, oldest first: the run id and target (discover URL "
+            "and endpoint id) each belongs to, its guest id, applicationSessionId, meeting, last outcome, "
+            "rejoin count and last update. Guests of a store from before run ids are in run (legacy). The "
+            "store is --store, else $ANONJOIN_STORE, else ~/.local/state/anonjoin/sessions.db; a missing "
+            "file lists nothing and is not created."
+        ),
+        epilog=SESSIONS_EXAMPLES,
+    )
     sessions.add_argument("--json", action="store_true", help="print JSON (one array)")
     sessions.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the newest N only")
     _run_id_flag(sessions, "only the guests of this run")
