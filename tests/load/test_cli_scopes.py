@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,42 @@ def test_runs_and_targets_do_not_share_ids_and_a_run_id_resumes(
     assert out["application_session_id"] == _ids(db, capsys, "r1", b.info.discover_url)[1]
     assert main(["rejoin", "--guest", "guest-0002", "--run-id", "nope", "--store", db, *a.flags()]) == 2
     assert "no session for guest 'guest-0002' of run nope" in capsys.readouterr().err
+
+
+def test_concurrent_runs_without_a_run_id_share_no_id(
+    two_sims: tuple[ThreadedSim, ThreadedSim], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two ``anonjoin load`` processes at once, one target, one SQLite store, no --run-id."""
+    sim = two_sims[0]
+    db = str(tmp_path / "s.db")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANONJOIN_")}
+    argv = [sys.executable, "-m", "anonjoin", "load", "--guests", "20", "--hold", "0.5", "--progress", "off",
+            "--no-html", "--store", db, *sim.flags()]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [*argv, "--report", f"r{n}.json"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    runs = [json.loads((tmp_path / f"r{n}.json").read_text())["settings"]["run_id"] for n in range(2)]
+    assert runs[0] != runs[1]
+    ids = [_ids(db, capsys, run, sim.info.discover_url) for run in runs]
+    assert len(ids[0]) == len(ids[1]) == 20 and not set(ids[0]) & set(ids[1])
+    created = sim.snapshot()["applications"]["created_by_asi"]
+    assert all(created[asi] == 1 for asi in ids[0] + ids[1])
 
 
 def test_a_bad_run_id_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
