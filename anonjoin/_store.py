@@ -429,6 +429,15 @@ class _Singles(_Claims):
     """The one-guest methods, written once over the batch methods; the scope every built-in store has."""
 
     scope: SessionScope = LEGACY_SCOPE
+    _shut: list[bool]  # [closed], shared by a store and its scoped views
+
+    @property
+    def _closed(self) -> bool:
+        return self._shut[0]
+
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        self._shut[0] = value
 
     def scoped(self: _S, scope: SessionScope) -> _S:
         """A view of this store in ``scope``: the same file, connection or dict (close the store once;
@@ -692,7 +701,7 @@ class SqliteSessionStore(_Singles):
         self.scope = scope
         self._clock = clock
         self._lock = threading.Lock()
-        self._closed = False
+        self._shut = [False]
         self._executor = (
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonjoin-store")
             if threaded

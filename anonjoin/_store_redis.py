@@ -237,7 +237,7 @@ class RedisSessionStore(_Singles):
         """Records given up on after ``write_retry_s`` (never silent: the runner reports them)."""
         self._clock = clock
         self._sleep = sleep
-        self._closed = False
+        self._shut = [False]
         try:
             # A bounded pool: thousands of leases renewing share max_connections, waiting for a free one.
             pool = aioredis.BlockingConnectionPool.from_url(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from anonjoin import ConfigurationError, LeaseHeld, LeaseLost
+from anonjoin import ConfigurationError, LeaseHeld, LeaseLost, StoreError
 from anonjoin._store import (
     LEGACY_SCOPE,
     SCHEMA_VERSION,
@@ -128,6 +128,19 @@ async def test_leases_and_fences_are_per_scope(opener: Callable[[SessionScope], 
     r1, r2 = await one.get("g1"), await two.get("g1")
     assert r1 is not None and r2 is not None
     assert (r1.last_outcome, r2.last_outcome) == ("failed: x", "joined")
+
+
+async def test_a_view_and_its_store_close_together(opener: Callable[[SessionScope], Scoped]) -> None:
+    base = opener(LEGACY_SCOPE)
+    view = base.scoped(_scope(DISCOVER_A, "r1"))
+    await view.get_or_create("g1", meeting_url=MEETING, origin=ORIGIN, display_name="d")
+    await view.aclose()
+    await base.aclose()  # idempotent across the two
+    if isinstance(base, MemorySessionStore):
+        return  # nothing to close
+    for handle in (base, view):
+        with pytest.raises(StoreError, match="used after close"):
+            await handle.get("g1")
 
 
 def test_a_bad_run_id_is_one_clear_error() -> None:
