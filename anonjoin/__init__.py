@@ -51,7 +51,14 @@ if TYPE_CHECKING:
         run_load,
     )
     from anonjoin._settings import TargetSettings
-    from anonjoin._store import Lease, MemorySessionStore, SessionRecord, SessionStore, SqliteSessionStore
+    from anonjoin._store import (
+        Lease,
+        MemorySessionStore,
+        SessionRecord,
+        SessionScope,
+        SessionStore,
+        SqliteSessionStore,
+    )
     from anonjoin._store_redis import RedisSessionStore
 
 
@@ -103,6 +110,7 @@ __all__ = [
     "RetryPolicy",
     "ServiceError",
     "SessionRecord",
+    "SessionScope",
     "SessionStore",
     "SqliteSessionStore",
     "Step",
@@ -152,6 +160,7 @@ _LAZY: dict[str, str] = {
     "RejoinPolicy": "anonjoin._retry",
     "RetryPolicy": "anonjoin._retry",
     "SessionRecord": "anonjoin._store",
+    "SessionScope": "anonjoin._store",
     "SessionStore": "anonjoin._store",
     "SqliteSessionStore": "anonjoin._store",
     "Step": "anonjoin._events",

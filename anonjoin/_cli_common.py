@@ -7,14 +7,15 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from anonjoin._exceptions import redact
+from anonjoin._exceptions import ConfigurationError, redact
 
 if TYPE_CHECKING:  # the settings (pydantic-settings, msal) load when a command runs, not for --help
     from anonjoin._settings import TargetSettings
@@ -166,12 +167,221 @@ def positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every command's help: descriptions wrapped to the terminal; a paragraph whose lines after the first
+    are indented (``examples:``, then the commands) kept as written; every default shown (an option whose
+    help does not say its default gets ``(default: X)``)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = []
+        for block in text.strip("\n").split("\n\n"):
+            lines = block.splitlines()
+            if len(lines) > 1 and all(line.startswith(" ") for line in lines[1:]):
+                blocks.append("\n".join(indent + line for line in lines))
+            else:
+                blocks.append(super()._fill_text(block, width, indent))
+        return "\n\n".join(blocks)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default.value if isinstance(action.default, Default) else action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default == ""
+            or default == argparse.SUPPRESS
+            or any(said in text for said in ("(default", "default:", "; default"))
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+_PLAIN_FORMATTERS = (argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (what is wrong, then where the help is), not the
-    usage block first; exit 2."""
+    usage block first; exit 2. Its help is :class:`HelpFormatter`'s (examples kept, defaults shown)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("formatter_class", argparse.HelpFormatter) in _PLAIN_FORMATTERS:
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}; see: {self.prog} --help\n")
+
+
+RUN_FIELDS = (
+    "guests",
+    "concurrency",
+    "rate",
+    "ramp",
+    "hold",
+    "meetings",
+    "guest_prefix",
+    "lobby_timeout",
+    "shared_throttle",
+    "faults",
+    "seed",
+    "report",
+    "html",
+    "no_html",
+    "fail_if",
+    "progress",
+    "progress_interval",
+    "metrics_port",
+    "metrics_host",
+    "store",
+    "run_id",
+)
+"""The run settings a config file may hold besides the target (``anonjoin load``'s flags of those names,
+the same precedence as the target's: flag, ``ANONJOIN_<NAME>``, ``--config`` file, default;
+``--i-own-this-service`` is not one: it is said on the command line, each time)."""
+
+
+class Default:
+    """A run flag's default that also says "not given on the command line" (see :func:`run_settings`):
+    such a setting then comes from ``ANONJOIN_<NAME>``, else the ``--config`` file, else this value. Its
+    ``str`` is the value's, so ``%(default)s`` in a help text reads as usual."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __repr__(self) -> str:
+        return f"Default({self.value!r})"
+
+
+EXCLUSIVE_RUN_SETTINGS = (("rate", "ramp"),)
+"""Settings that are one choice (a schedule): given at one level, the other's lower levels are ignored."""
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def run_settings(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Make the flags of ``parser`` named ``names`` (their ``dest``) run settings that a flag, the
+    environment (``ANONJOIN_<NAME>``) or the ``--config`` file can give, in that order; read them back with
+    :func:`resolve_run_settings`."""
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest in names:
+            action.default = Default(action.default)
+            actions[action.dest] = action
+    missing = sorted(set(names) - set(actions))
+    if missing:
+        raise ValueError(f"{parser.prog}: no flag for run setting(s) {missing}")
+    parser.set_defaults(run_setting_actions=actions)
+
+
+def resolve_run_settings(ns: argparse.Namespace) -> argparse.Namespace:
+    """Replace every run setting of ``ns`` that no flag gave (a :class:`Default`) by ``ANONJOIN_<NAME>``,
+    else the ``--config`` file's value, else the default. A bad value is a ``ConfigurationError`` naming the
+    setting and where it came from (exit 2). Returns ``ns``."""
+    actions: dict[str, argparse.Action] = getattr(ns, "run_setting_actions", None) or {}
+    pending = {dest for dest in actions if isinstance(getattr(ns, dest), Default)}
+    if not pending:
+        return ns
+    config = getattr(ns, "config", None)
+    from anonjoin._settings import ENV_PREFIX, load_run_config
+
+    in_file = {k: v for k, v in (load_run_config(config) if config else {}).items() if k in actions}
+    in_env = {
+        dest: os.environ[ENV_PREFIX + dest.upper()]
+        for dest in actions
+        if os.environ.get(ENV_PREFIX + dest.upper()) is not None
+    }
+    for group in EXCLUSIVE_RUN_SETTINGS:
+        members = [d for d in group if d in actions]
+        given = [d for d in members if d not in pending]
+        for level, where in (
+            (in_env, f"the {ENV_PREFIX}* environment"),
+            (in_file, f"config file {config!r}"),
+        ):
+            if given:  # a higher level chose: this level's choice is not used
+                for d in members:
+                    level.pop(d, None)
+                continue
+            chosen = [d for d in members if d in level]
+            if len(chosen) > 1:
+                raise ConfigurationError(f"{where}: {' and '.join(chosen)} are exclusive; give one")
+            given = chosen
+    for dest in sorted(pending):
+        action = actions[dest]
+        default: Default = getattr(ns, dest)
+        if dest in in_env:
+            name = ENV_PREFIX + dest.upper()
+            value = _env_value(action, in_env[dest], f"invalid setting {name}")
+        elif dest in in_file:
+            value = _file_value(action, in_file[dest], f"config file {config!r}: invalid setting {dest}")
+        else:
+            value = default.value
+        setattr(ns, dest, value)
+    return ns
+
+
+def _env_value(action: argparse.Action, text: str, where: str) -> Any:
+    if action.nargs == 0:  # a switch: --no-html, --shared-throttle/--no-shared-throttle
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigurationError(f"{where}: must be true or false (1/0, yes/no, on/off)")
+    return _converted(action, text, where)
+
+
+def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{where}: must be true or false, not {_kind(value)}")
+        return value
+    expected = _expected_kind(action)
+    if expected is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ConfigurationError(f"{where}: must be a whole number, not {_kind(value)}")
+    if expected is float and not (isinstance(value, int | float) and not isinstance(value, bool)):
+        raise ConfigurationError(f"{where}: must be a number, not {_kind(value)}")
+    if expected is str and not isinstance(value, str):
+        raise ConfigurationError(f"{where}: must be a string, not {_kind(value)}")
+    return _converted(action, str(value), where)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    return {int: "a whole number", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _expected_kind(action: argparse.Action) -> type:
+    """What a flag's type makes of a value: int, float or str (probed on "1")."""
+    if action.type is None:
+        return str
+    try:
+        probe = action.type("1")  # type: ignore[operator]
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return str
+    return type(probe) if type(probe) in (int, float) else str
+
+
+def _converted(action: argparse.Action, text: str, where: str) -> Any:
+    value: Any = text
+    if action.type is not None:
+        try:
+            value = action.type(text)  # type: ignore[operator]
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{where}: {' '.join(str(exc).split()) or 'invalid value'}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(str(c) for c in action.choices)
+        raise ConfigurationError(f"{where}: must be one of {choices}")
+    return value
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, display_name: bool = True) -> None:

@@ -61,6 +61,17 @@ __all__ = ["register", "run"]
 _REQUIRED_FOR_JOIN = (*REQUIRED_FOR_TARGET, "meeting_url", "origin")
 
 
+EXAMPLES = """\
+examples:
+  anonjoin join
+      one guest joins the embedded simulator and leaves; each step is printed
+  ANONJOIN_CLIENT_SECRET=... anonjoin join --config contoso.toml --hold 30
+      one guest joins a deployment's meeting, stays 30 s, leaves
+  anonjoin join --config contoso.toml --json
+      exactly one JSON object, for a script
+"""
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "join",
@@ -70,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "environment or config file target, the embedded simulator is started and joined. "
             "Settings: flags override ANONJOIN_* environment variables, which override --config FILE."
         ),
+        epilog=EXAMPLES,
     )
     add_target_arguments(parser)
     parser.add_argument(

@@ -16,6 +16,12 @@ Every guest's applicationSessionId comes from the session store (``--store``; de
 shares one store between several instances; its credentials are never printed. With a file or Redis store,
 ``load`` and ``rejoin`` hold a lease per guest while they keep it (``rejoin`` is refused while another
 instance holds the guest).
+
+The store keeps each run's guests apart: a guest id is one guest per target (discover URL, endpoint id,
+meeting) and run id. A ``load`` without ``--run-id`` gets a new run id (printed, and in the report's
+settings); ``--run-id NAME`` resumes that run's guests with their applicationSessionIds. ``sessions`` lists
+the run and target of each guest (``--run-id`` to filter); ``rejoin --guest ID`` needs ``--run-id`` when
+several runs of the target given have that guest id.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from anonjoin._cli_common import (
     EXIT_THRESHOLDS,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
+    RUN_FIELDS,
     STOP_SIGNALS,
     add_target_arguments,
     exit_code_for_signal,
@@ -53,6 +60,8 @@ from anonjoin._cli_common import (
     non_negative_int,
     positive_float,
     positive_int,
+    resolve_run_settings,
+    run_settings,
     settings_from_args,
     simulator_settings,
     stderr_log_handler,
@@ -77,6 +86,42 @@ MEMORY_STORE = ":memory:"
 
 log = logging.getLogger("anonjoin.cli")
 
+LOAD_EXAMPLES = """\
+exit codes: 0 ok; 1 the run failed (no guest joined, a service error); 2 bad input; 99 --fail-if breached;
+130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (guests leave, reports written)
+
+run settings (--guests ... --run-id) can also be given as ANONJOIN_<NAME> (ANONJOIN_GUESTS=500) or in the
+--config file (guests = 500, fail_if = "..."): flags override the environment, which overrides the file.
+
+examples:
+  anonjoin load --guests 200 --ramp 10..50/30s --faults flaky
+      200 guests against the embedded simulator, arrivals ramping from 10/s to 50/s, with faults
+  anonjoin load --config contoso.toml --guests 50 --hold 60 --fail-if "p95(join)>2s"
+      a deployment; exit 99 when the 95th percentile join takes more than 2 s
+  anonjoin load --config contoso.toml --run-id nightly
+      the guests of run nightly again, with the same applicationSessionIds
+"""
+
+REJOIN_EXAMPLES = """\
+examples:
+  anonjoin rejoin --guest guest-0002 --config contoso.toml
+      guest-0002 again with its stored applicationSessionId, then leave
+  anonjoin rejoin --guest guest-0002 --run-id nightly --hold 60 --config contoso.toml
+      the guest-0002 of run nightly (when several runs have one), held 60 s
+  anonjoin rejoin --guest guest-0002 --config contoso.toml --json
+      one JSON object: the outcome and the applicationSessionId
+"""
+
+SESSIONS_EXAMPLES = """\
+examples:
+  anonjoin sessions
+      every guest of the default store, as a table
+  anonjoin sessions --run-id nightly --limit 20
+      the 20 guests of run nightly updated last
+  anonjoin sessions --store redis://localhost:6379/0 --json
+      a shared Redis store, as one JSON array
+"""
+
 
 # -- flags -----------------------------------------------------------------------------------------
 
@@ -93,6 +138,19 @@ def _store_flag(parser: argparse._ActionsContainer) -> None:
     )
 
 
+def _run_id(text: str) -> str:
+    from anonjoin._store import check_run_id
+
+    try:
+        return check_run_id(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run_id_flag(parser: argparse._ActionsContainer, help_text: str) -> None:
+    parser.add_argument("--run-id", type=_run_id, metavar="NAME", help=help_text)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     load = subparsers.add_parser(
         "load",
@@ -102,10 +160,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "joined, then left; live progress; a JSON and an HTML report. With no target, the embedded "
             "simulator is started (with --faults) and loaded."
         ),
-        epilog=(
-            "exit codes: 0 ok; 1 the run failed (no guest joined, a service error); 2 bad input; "
-            "99 --fail-if breached; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (guests leave, reports written)"
-        ),
+        epilog=LOAD_EXAMPLES,
     )
     run = load.add_argument_group("the run")
     run.add_argument("--guests", type=positive_int, default=DEFAULT_GUESTS, help="guests (default 300)")
@@ -145,6 +200,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--lobby-timeout", type=positive_float, default=None, metavar="S", help="lobby wait limit"
+    )
+    _run_id_flag(
+        run,
+        "reuse the guests (applicationSessionIds) of that earlier run against the same target; default: a "
+        "new run id of this run's own, printed and in the report's settings",
     )
     run.add_argument(
         "--shared-throttle",
@@ -208,6 +268,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     out.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
     _store_flag(out)
     add_target_arguments(load, display_name=False)
+    run_settings(load, RUN_FIELDS)  # also from ANONJOIN_<NAME> or the --config file
     load.set_defaults(run=run_load_command)
 
     rejoin = subparsers.add_parser(
@@ -216,19 +277,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Rejoin one guest of the session store (for example after a restart) with the same "
             "applicationSessionId, hold it, then leave. The target comes from the flags, the ANONJOIN_* "
-            "environment or --config; the meeting and origin from the store unless given."
+            "environment or --config; the meeting and origin from the store unless given. A guest id is "
+            "one guest per run and target: when several runs of the target have it, --run-id says which."
         ),
+        epilog=REJOIN_EXAMPLES,
     )
     rejoin.add_argument("--guest", required=True, metavar="ID", help="the guest id (see anonjoin sessions)")
+    _run_id_flag(rejoin, "the run the guest belongs to, when several runs have that guest id")
     rejoin.add_argument("--hold", type=non_negative_float, default=0.0, metavar="S", help="stay this long")
     rejoin.add_argument("--json", action="store_true", help="print one JSON object")
     _store_flag(rejoin)
     add_target_arguments(rejoin, display_name=False)
+    run_settings(rejoin, ("store", "run_id"))
     rejoin.set_defaults(run=run_rejoin_command)
 
-    sessions = subparsers.add_parser("sessions", help="list the session store")
+    sessions = subparsers.add_parser(
+        "sessions",
+        help="list the session store",
+        description=(
+            "List the guests the session store holds, oldest first: the run id and target (discover URL "
+            "and endpoint id) each belongs to, its guest id, applicationSessionId, meeting, last outcome, "
+            "rejoin count and last update. Guests of a store from before run ids are in run (legacy). The "
+            "store is --store, else $ANONJOIN_STORE, else ~/.local/state/anonjoin/sessions.db; a missing "
+            "file lists nothing and is not created."
+        ),
+        epilog=SESSIONS_EXAMPLES,
+    )
     sessions.add_argument("--json", action="store_true", help="print JSON (one array)")
     sessions.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the newest N only")
+    _run_id_flag(sessions, "only the guests of this run")
     _store_flag(sessions)
     sessions.set_defaults(run=run_sessions_command)
 
@@ -414,7 +491,7 @@ async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIter
 
 def run_load_command(ns: argparse.Namespace) -> int:
     with _logging(bool(ns.verbose), ns.log_format):
-        return _guarded("load", lambda: _load_sync(ns))
+        return _guarded("load", lambda: _load_sync(resolve_run_settings(ns)))
 
 
 def _load_sync(ns: argparse.Namespace) -> int:
@@ -467,6 +544,7 @@ async def _load(
     from anonjoin._report import build_report, plural
     from anonjoin._retry import RetryPolicy
     from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
+    from anonjoin._store import SessionScope, in_scope, new_run_id
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -508,6 +586,14 @@ async def _load(
         async with _target(ns, settings) as target:
             t = target.settings
             assert t.discover_url and t.endpoint_id and t.meeting_url and t.origin
+            run_id = ns.run_id or new_run_id()
+            scope = SessionScope.for_target(
+                discover_url=t.discover_url,
+                endpoint_id=t.endpoint_id,
+                meeting_url=t.meeting_url,
+                run_id=run_id,
+            )
+            store = in_scope(store, scope)  # a view: closing it closes the store
             meetings = ns.meetings or (DEFAULT_SIM_MEETINGS if target.embedded else 1)
             shared_throttle = (not target.embedded) if ns.shared_throttle is None else ns.shared_throttle
             plan = LoadPlan(
@@ -537,12 +623,13 @@ async def _load(
                 "guest_prefix": ns.guest_prefix,
                 "lobby_timeout_s": ns.lobby_timeout,
                 "store": store_label(ns.store),
+                "run_id": run_id,
                 "fail_if": ns.fail_if,
                 "endpoint_id": t.endpoint_id,
             }
             print(
                 f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
-                f"over {meetings} meeting(s) of {target.label}",
+                f"over {meetings} meeting(s) of {target.label}; run id {run_id} (--run-id to resume it)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -663,21 +750,61 @@ def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
 
 
 def run_rejoin_command(ns: argparse.Namespace) -> int:
-    return _guarded("rejoin", lambda: asyncio.run(_rejoin(ns)))
+    return _guarded("rejoin", lambda: asyncio.run(_rejoin(resolve_run_settings(ns))))
+
+
+def _describe_target(target: str) -> str:
+    """A scope's target fit to print: the discover URL (redacted) and the endpoint id; ``-`` for none."""
+    parts = target.split(" ")
+    if len(parts) < 2:
+        return "-"
+    return f"{redact_url(parts[0])} {parts[1]}"
+
+
+def _describe_run(run_id: str) -> str:
+    return run_id or "(legacy)"
+
+
+def _no_session(guest: str, run_id: str | None) -> ConfigurationError:
+    where = f" of run {run_id}" if run_id else ""
+    return ConfigurationError(
+        f"no session for guest {guest!r}{where} in the store (anonjoin sessions lists the guests)"
+    )
+
+
+def _pick_session(guest: str, found: Sequence[Any], settings: TargetSettings) -> Any:
+    """The one record ``rejoin --guest`` means among ``found`` (of ``--run-id`` if given): the one of the
+    target given (a legacy record, made before runs had ids, fits any). Several: a one-line error."""
+    if len(found) == 1:
+        return found[0]
+    prefix = f"{settings.discover_url} {settings.endpoint_id} "
+
+    def fits(r: Any) -> bool:
+        if not r.target:
+            return True
+        if not r.target.startswith(prefix):
+            return False
+        return settings.meeting_url is None or r.target[len(prefix) :] == settings.meeting_url
+
+    fitting = [r for r in found if fits(r)]
+    if len(fitting) == 1:
+        return fitting[0]
+    listed = "; ".join(f"{_describe_run(r.run_id)} ({_describe_target(r.target)})" for r in fitting or found)
+    raise ConfigurationError(
+        f"guest {guest!r} is in {len(fitting or found)} runs: {listed}; give --run-id to say which"
+    )
 
 
 async def _rejoin(ns: argparse.Namespace) -> int:
     from anonjoin._client import Client
-    from anonjoin._store import DEFAULT_LEASE_S
+    from anonjoin._store import DEFAULT_LEASE_S, find_sessions, in_scope
 
-    store = await open_store_ready(ns.store, create=False)
+    base = await open_store_ready(ns.store, create=False)
     try:
-        record = await store.get(ns.guest)
-        if record is None:
-            raise ConfigurationError(
-                f"no session for guest {ns.guest!r} in the store (anonjoin sessions lists the guests)"
-            )
-        settings = settings_from_args(ns, display_name=record.display_name)
+        found = await find_sessions(base, ns.guest, ns.run_id)
+        if not found:
+            raise _no_session(ns.guest, ns.run_id)
+        settings = settings_from_args(ns, display_name=found[0].display_name)
         if not is_target(settings):
             raise ConfigurationError(
                 "rejoin needs the target the guest joined: give --discover-url and the other target flags, "
@@ -685,10 +812,13 @@ async def _rejoin(ns: argparse.Namespace) -> int:
             )
         settings.require(*REQUIRED_FOR_TARGET)
         assert settings.discover_url and settings.endpoint_id
+        record = _pick_session(ns.guest, found, settings)
+        store = in_scope(base, record.scope)  # the guest's run and target: its lease, its record
         meeting_url = settings.meeting_url or record.meeting_url
         origin = settings.origin or record.origin
         out: dict[str, Any] = {
             "guest_id": record.guest_id,
+            "run_id": record.run_id or None,
             "application_session_id": record.application_session_id,
             "meeting": redact_url(meeting_url),
             "outcome": "failed",
@@ -763,7 +893,7 @@ async def _rejoin(ns: argparse.Namespace) -> int:
             _emit_rejoin(ns, out, None)
         return code
     finally:
-        await store.aclose()
+        await base.aclose()
 
 
 def _emit_rejoin(ns: argparse.Namespace, out: dict[str, Any], took: float | None) -> None:
@@ -788,9 +918,11 @@ def run_sessions_command(ns: argparse.Namespace) -> int:
 
 
 async def _sessions(ns: argparse.Namespace) -> int:
+    from anonjoin._store import list_sessions
+
     store = await open_store_ready(ns.store, create=False)
     try:
-        records = await store.list()
+        records = await list_sessions(store, ns.run_id)
     finally:
         await store.aclose()
     if ns.limit is not None:
@@ -801,9 +933,20 @@ async def _sessions(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    columns = ("guest", "applicationSessionId", "meeting", "last outcome", "rejoins", "updated (UTC)")
+    columns = (
+        "run",
+        "target",
+        "guest",
+        "applicationSessionId",
+        "meeting",
+        "last outcome",
+        "rejoins",
+        "updated (UTC)",
+    )
     rows = [
         (
+            _describe_run(r.run_id),
+            _describe_target(r.target),
             r.guest_id,
             r.application_session_id,
             redact_url(r.meeting_url),

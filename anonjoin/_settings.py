@@ -3,7 +3,10 @@
 Precedence, highest first: explicit values (the CLI's flags), environment variables with the prefix
 ``ANONJOIN_`` (``ANONJOIN_CLIENT_SECRET``, ``ANONJOIN_DISCOVER_URL``, ...), then an optional config file
 (TOML or JSON, chosen by its suffix; keys are the field names, ``-`` or ``_``; tables are ignored so the
-same file can hold other sections). Every problem is one :class:`anonjoin.ConfigurationError` whose message
+same file can hold other sections). The same file can hold the run settings of ``anonjoin load``
+(:data:`RUN_FIELDS`: ``guests``, ``concurrency``, ``ramp``, ``fail_if``, ...; :func:`load_run_config`), which
+the CLI resolves with the same precedence; a key that is neither is an error naming it and the file.
+Every problem is one :class:`anonjoin.ConfigurationError` whose message
 names the field and never echoes the value (it could be the secret).
 
 ``insecure=True`` turns TLS verification off. It is never the default and it always warns
@@ -31,9 +34,18 @@ from pydantic_settings import (
 )
 
 from anonjoin._auth import ClientSecretCredential
+from anonjoin._cli_common import RUN_FIELDS
 from anonjoin._exceptions import ConfigurationError, redact_url
 
-__all__ = ["DEFAULT_SCOPE", "ENV_PREFIX", "InsecureTLSWarning", "TargetSettings", "load_config_file"]
+__all__ = [
+    "DEFAULT_SCOPE",
+    "ENV_PREFIX",
+    "RUN_FIELDS",
+    "InsecureTLSWarning",
+    "TargetSettings",
+    "load_config_file",
+    "load_run_config",
+]
 
 logger = logging.getLogger("anonjoin.settings")
 
@@ -75,7 +87,17 @@ class _FileSource(PydanticBaseSettingsSource):
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or JSON (any other suffix) config file into field values."""
+    """Read a TOML (``.toml``) or JSON (any other suffix) config file into target field values (its run
+    settings, :data:`RUN_FIELDS`, are :func:`load_run_config`'s)."""
+    return _read_config(path)[0]
+
+
+def load_run_config(path: str | Path) -> dict[str, Any]:
+    """The run settings (:data:`RUN_FIELDS`) of a config file, as the file gives them (not yet checked)."""
+    return _read_config(path)[1]
+
+
+def _read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     file = Path(path)
     try:
         raw = file.read_bytes()
@@ -96,15 +118,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigurationError(f"config file {str(file)!r} must hold a table/object of settings")
     values: dict[str, Any] = {}
+    run: dict[str, Any] = {}
     known = set(TargetSettings.model_fields)
     for key, value in data.items():
         if isinstance(value, dict):
             continue  # another tool's section
         name = str(key).replace("-", "_").lower()
-        if name not in known:
+        if name in RUN_FIELDS:
+            run[name] = value
+        elif name in known:
+            values[name] = value
+        else:
             raise ConfigurationError(f"config file {str(file)!r}: unknown setting {key!r}")
-        values[name] = value
-    return values
+    return values, run
 
 
 class TargetSettings(BaseSettings):

@@ -25,6 +25,14 @@ released: nobody can claim the guest in a store that nobody can reach. The
 memory and SQLite stores give the same semantics within one machine (SQLite: a ``leases`` row with token,
 expiry and epoch, in one transaction); :class:`anonjoin.RedisSessionStore` across machines.
 
+Scopes (:class:`SessionScope`): a guest id is unique within a target (discover URL, endpoint id, meeting)
+and a run id, not across them, so separate runs, or runs against separate targets, never share an
+applicationSessionId or a lease. A store is built in one scope (default :data:`LEGACY_SCOPE`, where an
+old store's rows are) and :meth:`scoped` gives a view in another; every method of the protocol works in the
+store's scope, and :meth:`list_all` / :meth:`find` look across scopes (``anonjoin sessions``, ``rejoin``).
+Leases and fences keep their meaning per scoped guest. SQLite schema version 2 keys the rows by (target,
+run id, guest id); a version-1 file is migrated on open (one transaction), its rows in the legacy scope.
+
 The SQLite calls run inline on the event loop: they are short, and a worker thread costs more than it
 saves. Measured on the project's machine (2 shared cores, WAL, ``synchronous=NORMAL``): one new guest
 ~170 µs, a known guest ~30 µs, one outcome ~60 µs inline, against ~260/160/320 µs through a worker thread;
@@ -40,22 +48,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar, runtime_checkable
 
-from anonjoin._exceptions import LeaseHeld, LeaseLost, StoreError
+from anonjoin._exceptions import ConfigurationError, LeaseHeld, LeaseLost, StoreError
 
 __all__ = [
     "DEFAULT_LEASE_S",
+    "LEGACY_SCOPE",
     "SCHEMA_VERSION",
     "Fence",
     "Lease",
@@ -63,12 +74,17 @@ __all__ = [
     "NewSession",
     "Outcome",
     "SessionRecord",
+    "SessionScope",
     "SessionStore",
     "SqliteSessionStore",
     "default_store_path",
+    "new_run_id",
+    "target_key",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: sessions and leases keyed by (target, run id, guest id); a version-1 file is migrated on open, its
+rows going to the legacy scope (run id and target empty)."""
 DEFAULT_BUSY_TIMEOUT_S = 2.0
 DEFAULT_LEASE_S = 30.0
 MIN_LEASE_S = 0.05
@@ -94,9 +110,80 @@ class SessionRecord:
     updated_at: float
     last_outcome: str | None = None
     rejoins: int = 0
+    run_id: str = ""
+    """The run the guest belongs to (:class:`SessionScope`); empty for the legacy scope."""
+    target: str = ""
+    """The target (:func:`target_key`) the guest joined; empty for the legacy scope."""
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+    @property
+    def scope(self) -> SessionScope:
+        return SessionScope(self.run_id, self.target)
+
+
+_Records = list[SessionRecord]  # for the classes, whose own ``list`` method hides the builtin
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a valid run id (1-64 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit)."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ConfigurationError(
+            f"run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return run_id
+
+
+def new_run_id() -> str:
+    """A fresh run id: the UTC time and a random part (``20261202-194500-3fa2c1``), unique per run."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def target_key(discover_url: str, endpoint_id: str, meeting_url: str) -> str:
+    """The target part of a :class:`SessionScope`: the discover URL, the endpoint id and the meeting URL
+    (one space between them: none of the three holds one)."""
+    return f"{discover_url} {endpoint_id} {meeting_url}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionScope:
+    """Where a store's guest ids live: a target (:func:`target_key`) and a run id.
+
+    ``guest-0001`` of one run against one target is not ``guest-0001`` of another run or another target:
+    each (target, run id) has its own applicationSessionIds and its own leases; the guest id stays the
+    visible id. A store built without a scope uses :data:`LEGACY_SCOPE` (both empty), where the records of
+    a store written before scopes existed are, so an embedder that never names a scope sees no change.
+    :meth:`SessionStore.scoped` gives a view of the same store in another scope.
+    """
+
+    run_id: str = ""
+    target: str = ""
+
+    def __post_init__(self) -> None:
+        if self.run_id:
+            check_run_id(self.run_id)
+        if not isinstance(self.target, str) or "\n" in self.target:
+            raise ConfigurationError("a session scope's target must be one line of text")
+
+    @classmethod
+    def for_target(
+        cls, *, discover_url: str, endpoint_id: str, meeting_url: str, run_id: str
+    ) -> SessionScope:
+        return cls(check_run_id(run_id), target_key(discover_url, endpoint_id, meeting_url))
+
+    @property
+    def legacy(self) -> bool:
+        return not self.run_id and not self.target
+
+    def __str__(self) -> str:
+        return "legacy (unscoped)" if self.legacy else f"run {self.run_id or '-'} on {self.target or '-'}"
+
+
+LEGACY_SCOPE = SessionScope()
+"""The scope of a store given none, and of every record of a version-1 store file."""
 
 
 class NewSession(NamedTuple):
@@ -335,8 +422,37 @@ def _check_fences(outcomes: Sequence[Outcome], live: Callable[[str, Fence], bool
         raise LeaseLost(refused)
 
 
+_S = TypeVar("_S", bound="_Singles")
+
+
 class _Singles(_Claims):
-    """The one-guest methods, written once over the batch methods."""
+    """The one-guest methods, written once over the batch methods; the scope every built-in store has."""
+
+    scope: SessionScope = LEGACY_SCOPE
+    _shut: list[bool]  # [closed], shared by a store and its scoped views
+
+    @property
+    def _closed(self) -> bool:
+        return self._shut[0]
+
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        self._shut[0] = value
+
+    def scoped(self: _S, scope: SessionScope) -> _S:
+        """A view of this store in ``scope``: the same file, connection or dict (close the store once;
+        closing a view closes it too)."""
+        view = copy.copy(self)
+        view.scope = scope
+        return view
+
+    async def list_all(self, run_id: str | None = None) -> _Records:
+        """Every record of every scope (of run ``run_id`` only, if given), oldest first."""
+        raise NotImplementedError
+
+    async def find(self, guest_id: str, run_id: str | None = None) -> _Records:
+        """The records of ``guest_id`` in every scope (of run ``run_id`` only, if given), oldest first."""
+        raise NotImplementedError
 
     async def get_or_create_many(self, sessions: Sequence[NewSession]) -> list[SessionRecord]:
         raise NotImplementedError
@@ -366,10 +482,14 @@ class _Singles(_Claims):
         return found
 
 
-def _merge(found: SessionRecord | None, new: NewSession, now: float) -> SessionRecord | None:
+def _merge(
+    found: SessionRecord | None, new: NewSession, now: float, scope: SessionScope
+) -> SessionRecord | None:
     """The record to write for ``new`` given what is stored; ``None`` when nothing changes."""
     if found is None:
         return SessionRecord(
+            run_id=scope.run_id,
+            target=scope.target,
             guest_id=new.guest_id,
             application_session_id=new.application_session_id or str(uuid.uuid4()),
             meeting_url=new.meeting_url,
@@ -392,54 +512,64 @@ def _merge(found: SessionRecord | None, new: NewSession, now: float) -> SessionR
 class MemorySessionStore(_Singles):
     """An in-process store (a dict). Not durable: use :class:`SqliteSessionStore` to survive restarts."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
-        self._records: dict[str, SessionRecord] = {}
+    def __init__(self, *, clock: Callable[[], float] = time.time, scope: SessionScope = LEGACY_SCOPE) -> None:
+        self.scope = scope
+        # Shared by every scoped view; keyed by (target, run id, guest id).
+        self._records: dict[tuple[str, str, str], SessionRecord] = {}
         self._clock = clock
-        self._leases: dict[str, tuple[str, float]] = {}  # guest -> (token, expires_at)
-        self._epochs: dict[str, int] = {}
+        self._leases: dict[tuple[str, str, str], tuple[str, float]] = {}  # -> (token, expires_at)
+        self._epochs: dict[tuple[str, str, str], int] = {}
+
+    def _k(self, guest_id: str) -> tuple[str, str, str]:
+        return (self.scope.target, self.scope.run_id, guest_id)
 
     def _live(self, guest_id: str, fence: Fence) -> bool:
-        held = self._leases.get(guest_id)
+        key = self._k(guest_id)
+        held = self._leases.get(key)
         return (
             held is not None
             and held[0] == fence.token
             and held[1] > self._clock()
-            and self._epochs.get(guest_id) == fence.epoch
+            and self._epochs.get(key) == fence.epoch
         )
 
     async def _acquire(self, guest_id: str, token: str, lease_s: float) -> int | None:
         now = self._clock()
-        held = self._leases.get(guest_id)
+        key = self._k(guest_id)
+        held = self._leases.get(key)
         if held is not None and held[1] > now:
             return None
-        epoch = self._epochs.get(guest_id, 0) + 1
-        self._epochs[guest_id] = epoch
-        self._leases[guest_id] = (token, now + lease_s)
+        epoch = self._epochs.get(key, 0) + 1
+        self._epochs[key] = epoch
+        self._leases[key] = (token, now + lease_s)
         return epoch
 
     async def _renew(self, guest_id: str, fence: Fence, lease_s: float) -> int | None:
         # Ours while nobody claimed since (the epoch is unchanged), even if it lapsed meanwhile.
-        if self._epochs.get(guest_id) != fence.epoch:
+        key = self._k(guest_id)
+        if self._epochs.get(key) != fence.epoch:
             return None
-        self._leases[guest_id] = (fence.token, self._clock() + lease_s)
+        self._leases[key] = (fence.token, self._clock() + lease_s)
         return fence.epoch
 
     async def _release(self, guest_id: str, fence: Fence) -> None:
-        held = self._leases.get(guest_id)
+        key = self._k(guest_id)
+        held = self._leases.get(key)
         if held is not None and held[0] == fence.token:
-            del self._leases[guest_id]
+            del self._leases[key]
 
     async def get(self, guest_id: str) -> SessionRecord | None:
-        return self._records.get(guest_id)
+        return self._records.get(self._k(guest_id))
 
     async def get_or_create_many(self, sessions: Sequence[NewSession]) -> list[SessionRecord]:
         now = self._clock()
-        staged: dict[str, SessionRecord] = {}
+        staged: dict[tuple[str, str, str], SessionRecord] = {}
         out: list[SessionRecord] = []
         taken = {r.application_session_id for r in self._records.values()}
         for new in sessions:
-            found = staged.get(new.guest_id) or self._records.get(new.guest_id)
-            record = _merge(found, new, now)
+            key = self._k(new.guest_id)
+            found = staged.get(key) or self._records.get(key)
+            record = _merge(found, new, now, self.scope)
             if record is None:
                 assert found is not None
                 record = found
@@ -450,7 +580,7 @@ class MemorySessionStore(_Singles):
                         "another guest's"
                     )
                 taken.add(record.application_session_id)
-            staged[new.guest_id] = record
+            staged[key] = record
             out.append(record)
         self._records.update(staged)
         return out
@@ -458,31 +588,50 @@ class MemorySessionStore(_Singles):
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         _check_fences(outcomes, self._live)
         now = self._clock()
-        staged: dict[str, SessionRecord] = {}
+        staged: dict[tuple[str, str, str], SessionRecord] = {}
         for item in outcomes:
-            found = staged.get(item.guest_id) or self._records.get(item.guest_id)
+            key = self._k(item.guest_id)
+            found = staged.get(key) or self._records.get(key)
             if found is None:
                 raise StoreError(f"session store: no session for guest {item.guest_id!r}")
-            staged[item.guest_id] = dataclasses.replace(
+            staged[key] = dataclasses.replace(
                 found, last_outcome=item.outcome, rejoins=found.rejoins + item.rejoins, updated_at=now
             )
         self._records.update(staged)
 
     async def list(self) -> list[SessionRecord]:
-        return sorted(self._records.values(), key=lambda r: (r.created_at, r.guest_id))
+        return _oldest_first(r for r in self._records.values() if r.scope == self.scope)
+
+    async def list_all(self, run_id: str | None = None) -> _Records:
+        return _oldest_first(r for r in self._records.values() if run_id is None or r.run_id == run_id)
+
+    async def find(self, guest_id: str, run_id: str | None = None) -> _Records:
+        return _oldest_first(
+            r
+            for r in self._records.values()
+            if r.guest_id == guest_id and (run_id is None or r.run_id == run_id)
+        )
 
     async def aclose(self) -> None:
         return None
 
 
+def _oldest_first(records: Iterable[SessionRecord]) -> list[SessionRecord]:
+    return sorted(records, key=lambda r: (r.created_at, r.guest_id, r.run_id, r.target))
+
+
 _COLUMNS = (
+    "guest_id, application_session_id, meeting_url, origin, display_name, "
+    "created_at, updated_at, last_outcome, rejoins, run_id, target"
+)
+_V1_COLUMNS = (
     "guest_id, application_session_id, meeting_url, origin, display_name, "
     "created_at, updated_at, last_outcome, rejoins"
 )
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
-    guest_id TEXT PRIMARY KEY NOT NULL,
+    guest_id TEXT NOT NULL,
     application_session_id TEXT NOT NULL UNIQUE,
     meeting_url TEXT NOT NULL,
     origin TEXT NOT NULL,
@@ -490,24 +639,34 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     last_outcome TEXT,
-    rejoins INTEGER NOT NULL DEFAULT 0
+    rejoins INTEGER NOT NULL DEFAULT 0,
+    run_id TEXT NOT NULL DEFAULT '',
+    target TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (target, run_id, guest_id)
 )
 """
+_GUEST_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_guest ON sessions (guest_id, run_id)"
 
 
 _LEASES = """
 CREATE TABLE IF NOT EXISTS leases (
-    guest_id TEXT PRIMARY KEY NOT NULL,
+    guest_id TEXT NOT NULL,
     token TEXT,
     expires_at REAL NOT NULL,
-    epoch INTEGER NOT NULL
+    epoch INTEGER NOT NULL,
+    run_id TEXT NOT NULL DEFAULT '',
+    target TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (target, run_id, guest_id)
 )
 """
-"""Added on the first claim (schema version unchanged: older anonjoin ignores the table)."""
+
+_SCOPED = "target = ? AND run_id = ? AND guest_id = ?"
 
 
 def _row(values: tuple[object, ...]) -> SessionRecord:
-    guest_id, asi, meeting_url, origin, display_name, created, updated, outcome, rejoins = values
+    guest_id, asi, meeting_url, origin, display_name, created, updated, outcome, rejoins, run_id, target = (
+        values
+    )
     return SessionRecord(
         guest_id=str(guest_id),
         application_session_id=str(asi),
@@ -518,6 +677,8 @@ def _row(values: tuple[object, ...]) -> SessionRecord:
         updated_at=float(updated),  # type: ignore[arg-type]
         last_outcome=None if outcome is None else str(outcome),
         rejoins=int(rejoins),  # type: ignore[call-overload]
+        run_id=str(run_id),
+        target=str(target),
     )
 
 
@@ -534,11 +695,13 @@ class SqliteSessionStore(_Singles):
         busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
         threaded: bool = False,
         clock: Callable[[], float] = time.time,
+        scope: SessionScope = LEGACY_SCOPE,
     ) -> None:
         self.path = Path(path)
+        self.scope = scope
         self._clock = clock
         self._lock = threading.Lock()
-        self._closed = False
+        self._shut = [False]
         self._executor = (
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="anonjoin-store")
             if threaded
@@ -601,23 +764,50 @@ class SqliteSessionStore(_Singles):
             if version < SCHEMA_VERSION:
                 self._write("create the schema", self._create_schema)
             else:
-                cols = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)").fetchall()}
-                missing = {c.strip() for c in _COLUMNS.split(",")} - cols
-                if missing:
-                    raise StoreError(
-                        f"session store {self.path}: the sessions table lacks {sorted(missing)}; "
-                        "the file is damaged (move it away to start afresh)"
-                    )
+                self._check_columns(self._db, _COLUMNS)
         except StoreError:
             raise
         except sqlite3.Error as exc:
             raise self._error(exc, "cannot open") from exc
 
-    @staticmethod
-    def _create_schema(db: sqlite3.Connection) -> None:
-        # Under BEGIN IMMEDIATE: two processes creating the file at once serialise here.
+    def _check_columns(self, db: sqlite3.Connection, columns: str) -> None:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(sessions)").fetchall()}
+        missing = {c.strip() for c in columns.split(",")} - cols
+        if missing:
+            raise StoreError(
+                f"session store {self.path}: the sessions table lacks {sorted(missing)}; "
+                "the file is damaged (move it away to start afresh)"
+            )
+
+    def _create_schema(self, db: sqlite3.Connection) -> None:
+        """A new file's schema, or a version-1 file migrated: its rows (and leases) go to the legacy scope,
+        none lost (one transaction: a crash leaves the old file as it was)."""
+        # Under BEGIN IMMEDIATE: two processes creating (or migrating) the file at once serialise here.
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return  # another process did it meanwhile
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+        if "sessions" in tables:
+            self._check_columns(db, _V1_COLUMNS)
+            db.execute("ALTER TABLE sessions RENAME TO sessions_v1")
         db.execute(_SCHEMA)
+        if "sessions" in tables:
+            db.execute(f"INSERT INTO sessions ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM sessions_v1")
+            db.execute("DROP TABLE sessions_v1")
+        if "leases" in tables:
+            db.execute("ALTER TABLE leases RENAME TO leases_v1")
+        db.execute(_LEASES)
+        if "leases" in tables:
+            db.execute(
+                "INSERT INTO leases (guest_id, token, expires_at, epoch) "
+                "SELECT guest_id, token, expires_at, epoch FROM leases_v1"
+            )
+            db.execute("DROP TABLE leases_v1")
+        db.execute(_GUEST_INDEX)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if "sessions" in tables:
+            log.info(
+                "anonjoin.store.migrated path=%s to schema %d (old rows: the legacy scope)", self.path, 2
+            )
 
     async def _call(self, fn: Callable[[], _T]) -> _T:
         if self._closed:
@@ -657,9 +847,11 @@ class SqliteSessionStore(_Singles):
 
     # -- the SessionStore protocol ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _select(db: sqlite3.Connection, guest_id: str) -> SessionRecord | None:
-        found = db.execute(f"SELECT {_COLUMNS} FROM sessions WHERE guest_id = ?", (guest_id,)).fetchone()
+    def _key(self, guest_id: str) -> tuple[str, str, str]:
+        return (self.scope.target, self.scope.run_id, guest_id)
+
+    def _select(self, db: sqlite3.Connection, guest_id: str) -> SessionRecord | None:
+        found = db.execute(f"SELECT {_COLUMNS} FROM sessions WHERE {_SCOPED}", self._key(guest_id)).fetchone()
         return None if found is None else _row(found)
 
     async def get(self, guest_id: str) -> SessionRecord | None:
@@ -676,20 +868,26 @@ class SqliteSessionStore(_Singles):
             staged: dict[str, SessionRecord] = {}
             for new in sessions:
                 found = staged.get(new.guest_id) or self._select(db, new.guest_id)
-                record = _merge(found, new, now)
+                record = _merge(found, new, now, self.scope)
                 if record is None:
                     assert found is not None
                     record = found
                 elif found is None:
                     db.execute(
-                        f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         dataclasses.astuple(record),
                     )
                 else:
                     db.execute(
                         "UPDATE sessions SET meeting_url = ?, origin = ?, display_name = ?, updated_at = ? "
-                        "WHERE guest_id = ?",
-                        (record.meeting_url, record.origin, record.display_name, now, record.guest_id),
+                        f"WHERE {_SCOPED}",
+                        (
+                            record.meeting_url,
+                            record.origin,
+                            record.display_name,
+                            now,
+                            *self._key(new.guest_id),
+                        ),
                     )
                 staged[new.guest_id] = record
                 out.append(record)
@@ -699,7 +897,8 @@ class SqliteSessionStore(_Singles):
             # The common case (every guest known, nothing changed) needs no write lock.
             found = self._read("read", lookup)
             if all(
-                f is not None and _merge(f, new, 0.0) is None for f, new in zip(found, sessions, strict=True)
+                f is not None and _merge(f, new, 0.0, self.scope) is None
+                for f, new in zip(found, sessions, strict=True)
             ):
                 return [f for f in found if f is not None]
             return self._write("save sessions", upsert)
@@ -715,18 +914,17 @@ class SqliteSessionStore(_Singles):
             for item in outcomes:
                 cur = db.execute(
                     "UPDATE sessions SET last_outcome = ?, rejoins = rejoins + ?, updated_at = ? "
-                    "WHERE guest_id = ?",
-                    (item.outcome, item.rejoins, now, item.guest_id),
+                    f"WHERE {_SCOPED}",
+                    (item.outcome, item.rejoins, now, *self._key(item.guest_id)),
                 )
                 if cur.rowcount != 1:
                     raise StoreError(f"session store {self.path}: no session for guest {item.guest_id!r}")
 
         await self._call(lambda: self._write("record outcomes", update))
 
-    @staticmethod
-    def _live(db: sqlite3.Connection, guest_id: str, fence: Fence, now: float) -> bool:
+    def _live(self, db: sqlite3.Connection, guest_id: str, fence: Fence, now: float) -> bool:
         row = db.execute(
-            "SELECT token, expires_at, epoch FROM leases WHERE guest_id = ?", (guest_id,)
+            f"SELECT token, expires_at, epoch FROM leases WHERE {_SCOPED}", self._key(guest_id)
         ).fetchone()
         return (
             row is not None and row[0] == fence.token and float(row[1]) > now and int(row[2]) == fence.epoch
@@ -737,16 +935,17 @@ class SqliteSessionStore(_Singles):
             db.execute(_LEASES)
             now = self._clock()
             row = db.execute(
-                "SELECT token, expires_at, epoch FROM leases WHERE guest_id = ?", (guest_id,)
+                f"SELECT token, expires_at, epoch FROM leases WHERE {_SCOPED}", self._key(guest_id)
             ).fetchone()
             if row is not None and row[0] is not None and float(row[1]) > now:
                 return None
             epoch = (int(row[2]) if row is not None else 0) + 1
             db.execute(
-                "INSERT INTO leases (guest_id, token, expires_at, epoch) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (guest_id) DO UPDATE SET token = excluded.token, "
+                "INSERT INTO leases (target, run_id, guest_id, token, expires_at, epoch) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (target, run_id, guest_id) DO UPDATE SET token = excluded.token, "
                 "expires_at = excluded.expires_at, epoch = excluded.epoch",
-                (guest_id, token, now + lease_s, epoch),
+                (*self._key(guest_id), token, now + lease_s, epoch),
             )
             return epoch
 
@@ -757,8 +956,8 @@ class SqliteSessionStore(_Singles):
             # Ours while nobody claimed since (the epoch is unchanged), even if it lapsed meanwhile.
             db.execute(_LEASES)
             cur = db.execute(
-                "UPDATE leases SET token = ?, expires_at = ? WHERE guest_id = ? AND epoch = ?",
-                (fence.token, self._clock() + lease_s, guest_id, fence.epoch),
+                f"UPDATE leases SET token = ?, expires_at = ? WHERE {_SCOPED} AND epoch = ?",
+                (fence.token, self._clock() + lease_s, *self._key(guest_id), fence.epoch),
             )
             return fence.epoch if cur.rowcount == 1 else None
 
@@ -768,18 +967,43 @@ class SqliteSessionStore(_Singles):
         def release(db: sqlite3.Connection) -> None:
             db.execute(_LEASES)
             db.execute(
-                "UPDATE leases SET token = NULL, expires_at = 0 WHERE guest_id = ? AND token = ?",
-                (guest_id, fence.token),
+                f"UPDATE leases SET token = NULL, expires_at = 0 WHERE {_SCOPED} AND token = ?",
+                (*self._key(guest_id), fence.token),
             )
 
         await self._call(lambda: self._write("release a lease", release))
 
     async def list(self) -> list[SessionRecord]:
         def read(db: sqlite3.Connection) -> list[SessionRecord]:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM sessions ORDER BY created_at, guest_id").fetchall()
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM sessions WHERE target = ? AND run_id = ? "
+                "ORDER BY created_at, guest_id",
+                (self.scope.target, self.scope.run_id),
+            ).fetchall()
             return [_row(r) for r in rows]
 
         return await self._call(lambda: self._read("list sessions", read))
+
+    async def list_all(self, run_id: str | None = None) -> _Records:
+        return await self._query("list sessions", "run_id = ?" if run_id is not None else "1", (run_id,))
+
+    async def find(self, guest_id: str, run_id: str | None = None) -> _Records:
+        if run_id is None:
+            return await self._query("find a guest", "guest_id = ?", (guest_id,))
+        return await self._query("find a guest", "guest_id = ? AND run_id = ?", (guest_id, run_id))
+
+    async def _query(self, doing: str, where: str, args: tuple[str | None, ...]) -> _Records:
+        params = tuple(a for a in args if a is not None)
+
+        def read(db: sqlite3.Connection) -> list[SessionRecord]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM sessions WHERE {where} "
+                "ORDER BY created_at, guest_id, run_id, target",
+                params,
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+        return await self._call(lambda: self._read(doing, read))
 
     async def aclose(self) -> None:
         self.close()
@@ -795,4 +1019,30 @@ class SqliteSessionStore(_Singles):
             self._db.close()
 
     def __repr__(self) -> str:
-        return f"SqliteSessionStore({str(self.path)!r})"
+        scope = "" if self.scope.legacy else f", run_id={self.scope.run_id!r}"
+        return f"SqliteSessionStore({str(self.path)!r}{scope})"
+
+
+def in_scope(store: SessionStore, scope: SessionScope) -> SessionStore:
+    """``store`` seen in ``scope``: a built-in store's :meth:`~MemorySessionStore.scoped` view. A store of
+    one's own (any :class:`SessionStore`) has only the legacy scope."""
+    if isinstance(store, _Singles):
+        return store.scoped(scope)
+    if scope.legacy:
+        return store
+    raise StoreError(f"session store {type(store).__name__}: has no scopes (only the legacy one)")
+
+
+async def list_sessions(store: SessionStore, run_id: str | None = None) -> list[SessionRecord]:
+    """Every record of every scope of ``store`` (of run ``run_id`` only, if given), oldest first."""
+    if isinstance(store, _Singles):
+        return await store.list_all(run_id)
+    return [r for r in await store.list() if run_id is None or r.run_id == run_id]
+
+
+async def find_sessions(store: SessionStore, guest_id: str, run_id: str | None = None) -> list[SessionRecord]:
+    """The records of ``guest_id`` in every scope of ``store`` (of run ``run_id`` only, if given)."""
+    if isinstance(store, _Singles):
+        return await store.find(guest_id, run_id)
+    found = await store.get(guest_id)
+    return [found] if found is not None and (run_id is None or found.run_id == run_id) else []

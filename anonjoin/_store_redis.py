@@ -10,6 +10,11 @@ Keys (``prefix`` default ``anonjoin:``):
   fencing epoch, ``INCR`` on each claim. Renew and release are compare-and-act Lua on the token; every
   fenced write is a Lua script that checks the lease token and epoch before it writes, so an instance whose
   lease lapsed cannot overwrite the new holder (:class:`~anonjoin.LeaseLost`).
+- Scopes (:class:`~anonjoin._store.SessionScope`): a scoped guest's keys carry the scope as a hash tag,
+  ``{prefix}s:{{run_id:digest}}:{guest}`` (the digest: 16 hex digits of the target's SHA-256), so every key
+  of one scope hashes to one slot; the legacy scope's keys have no tag (the keys of a store written before
+  scopes existed). The hash also holds ``run_id`` and ``target``. The ``asi:`` map is global (one
+  applicationSessionId is never two guests', whatever their scope); its value is the scoped guest.
 - A guest whose outcome is written (a finished guest) expires after ``finished_ttl_s`` (default 7 days);
   coming back (``get_or_create``) makes it permanent again.
 
@@ -19,8 +24,8 @@ backoff (``write_retry_s`` budget, floor ``RETRY_MIN_S``, cap ``RETRY_MAX_S``); 
 retried: they fail at once with a one-line :class:`~anonjoin.StoreError`. The URL's credentials never
 appear in a message or a ``repr`` (:func:`safe_store_url`).
 
-Multi-key scripts need every key in one slot: this store is for a single Redis (or a primary with
-replicas), not Redis Cluster.
+Multi-key scripts touch the global ``asi:`` keys besides their scope's: this store is for a single Redis
+(or a primary with replicas), not Redis Cluster.
 
 ``redis`` (redis-py >= 5, the ``anonjoin[redis]`` extra) is imported only when this module is.
 """
@@ -28,6 +33,7 @@ replicas), not Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import urllib.parse
 import uuid
@@ -43,7 +49,16 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Redis session store needs redis-py: pip install 'anonjoin[redis]'") from exc
 
 from anonjoin._exceptions import LeaseLost, StoreError
-from anonjoin._store import Fence, NewSession, Outcome, SessionRecord, _Singles
+from anonjoin._store import (
+    LEGACY_SCOPE,
+    Fence,
+    NewSession,
+    Outcome,
+    SessionRecord,
+    SessionScope,
+    _Records,
+    _Singles,
+)
 
 __all__ = ["DEFAULT_FINISHED_TTL_S", "RedisSessionStore", "is_redis_url", "safe_store_url"]
 
@@ -67,26 +82,30 @@ _FIELDS = (
     "updated_at",
     "last_outcome",
     "rejoins",
+    "run_id",
+    "target",
 )
 
-# KEYS: session hashes. ARGV: prefix, now, then per guest: guest_id, asi, meeting_url, origin, display_name.
+# KEYS: session hashes. ARGV: prefix, now, scope tag, run_id, target, then per guest: guest_id, asi,
+# meeting_url, origin, display_name.
 _GET_OR_CREATE = """
-local prefix, now = ARGV[1], ARGV[2]
+local prefix, now, tag, run, target = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 5
+  local b = 5 + (i - 1) * 5
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local owner = redis.call('GET', prefix .. 'asi:' .. ARGV[b + 2])
-    if owner and owner ~= ARGV[b + 1] then return redis.error_reply('ASI_TAKEN ' .. ARGV[b + 1]) end
+    if owner and owner ~= tag .. ARGV[b + 1] then return redis.error_reply('ASI_TAKEN ' .. ARGV[b + 1]) end
   end
 end
 local out = {}
 for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 5
+  local b = 5 + (i - 1) * 5
   local key, gid, asi, m, o, d = KEYS[i], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
   if redis.call('HSETNX', key, 'asi', asi) == 1 then
     redis.call('HSET', key, 'guest_id', gid, 'meeting_url', m, 'origin', o, 'display_name', d,
                'created_at', now, 'updated_at', now, 'rejoins', 0)
-    redis.call('SET', prefix .. 'asi:' .. asi, gid)
+    if tag ~= '' then redis.call('HSET', key, 'run_id', run, 'target', target) end
+    redis.call('SET', prefix .. 'asi:' .. asi, tag .. gid)
   else
     local cur = redis.call('HMGET', key, 'meeting_url', 'origin', 'display_name', 'asi')
     if cur[1] ~= m or cur[2] ~= o or cur[3] ~= d then
@@ -96,30 +115,30 @@ for i = 1, #KEYS do
     redis.call('PERSIST', prefix .. 'asi:' .. cur[4])
   end
   out[i] = redis.call('HMGET', key, 'guest_id', 'asi', 'meeting_url', 'origin', 'display_name',
-                      'created_at', 'updated_at', 'last_outcome', 'rejoins')
+                      'created_at', 'updated_at', 'last_outcome', 'rejoins', 'run_id', 'target')
 end
 return out
 """
 
-# KEYS: session hashes. ARGV: prefix, now, ttl_ms, then per guest: guest_id, outcome, rejoins, token, epoch
-# (token '' for a write without a lease). Checks everything first: all or none.
+# KEYS: session hashes. ARGV: prefix, now, ttl_ms, scope tag, then per guest: guest_id, outcome, rejoins,
+# token, epoch (token '' for a write without a lease). Checks everything first: all or none.
 _RECORD_OUTCOMES = """
-local prefix, now, ttl = ARGV[1], ARGV[2], ARGV[3]
+local prefix, now, ttl, tag = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lost = {}
 for i = 1, #KEYS do
-  local b = 3 + (i - 1) * 5
+  local b = 4 + (i - 1) * 5
   local gid, token = ARGV[b + 1], ARGV[b + 4]
   if redis.call('EXISTS', KEYS[i]) == 0 then return redis.error_reply('NO_SESSION ' .. gid) end
   if token ~= '' then
-    if redis.call('GET', prefix .. 'lease:' .. gid) ~= token
-       or redis.call('GET', prefix .. 'epoch:' .. gid) ~= ARGV[b + 5] then
+    if redis.call('GET', prefix .. 'lease:' .. tag .. gid) ~= token
+       or redis.call('GET', prefix .. 'epoch:' .. tag .. gid) ~= ARGV[b + 5] then
       lost[#lost + 1] = gid
     end
   end
 end
 if #lost > 0 then return lost end
 for i = 1, #KEYS do
-  local b = 3 + (i - 1) * 5
+  local b = 4 + (i - 1) * 5
   redis.call('HSET', KEYS[i], 'last_outcome', ARGV[b + 2], 'updated_at', now)
   redis.call('HINCRBY', KEYS[i], 'rejoins', ARGV[b + 3])
   redis.call('PEXPIRE', KEYS[i], ttl)
@@ -196,9 +215,11 @@ class RedisSessionStore(_Singles):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        scope: SessionScope = LEGACY_SCOPE,
         **redis_kwargs: Any,
     ) -> None:
         self.url = safe_store_url(url)
+        self.scope = scope
         if not is_redis_url(url):
             raise StoreError(f"session store {self.url}: not a redis://, rediss:// or unix:// URL")
         if not prefix:
@@ -216,7 +237,7 @@ class RedisSessionStore(_Singles):
         """Records given up on after ``write_retry_s`` (never silent: the runner reports them)."""
         self._clock = clock
         self._sleep = sleep
-        self._closed = False
+        self._shut = [False]
         try:
             # A bounded pool: thousands of leases renewing share max_connections, waiting for a free one.
             pool = aioredis.BlockingConnectionPool.from_url(
@@ -245,8 +266,17 @@ class RedisSessionStore(_Singles):
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
+    @property
+    def _tag(self) -> str:
+        """The scope's part of a key: empty for the legacy scope, else a hash tag (one slot per scope)."""
+        scope = self.scope
+        if scope.legacy:
+            return ""
+        digest = hashlib.sha256(scope.target.encode("utf-8")).hexdigest()[:16]
+        return f"{{{scope.run_id}:{digest}}}:"
+
     def _key(self, kind: str, guest_id: str) -> str:
-        return f"{self.prefix}{kind}:{guest_id}"
+        return f"{self.prefix}{kind}:{self._tag}{guest_id}"
 
     def _error(self, exc: BaseException, doing: str) -> StoreError:
         if isinstance(exc, redis_errors.AuthenticationError | redis_errors.AuthorizationError):
@@ -297,7 +327,7 @@ class RedisSessionStore(_Singles):
 
     @staticmethod
     def _record(values: Sequence[Any]) -> SessionRecord:
-        gid, asi, meeting_url, origin, display, created, updated, outcome, rejoins = values
+        gid, asi, meeting_url, origin, display, created, updated, outcome, rejoins, run_id, target = values
         return SessionRecord(
             guest_id=str(gid),
             application_session_id=str(asi),
@@ -308,6 +338,8 @@ class RedisSessionStore(_Singles):
             updated_at=float(updated),
             last_outcome=None if outcome is None else str(outcome),
             rejoins=int(rejoins or 0),
+            run_id=str(run_id or ""),
+            target=str(target or ""),
         )
 
     # -- the SessionStore protocol ---------------------------------------------------------------------------
@@ -323,7 +355,7 @@ class RedisSessionStore(_Singles):
         if not sessions:
             return []
         keys = [self._key("s", s.guest_id) for s in sessions]
-        args: list[Any] = [self.prefix, repr(self._clock())]
+        args: list[Any] = [self.prefix, repr(self._clock()), self._tag, self.scope.run_id, self.scope.target]
         for s in sessions:
             args += [s.guest_id, s.application_session_id or str(uuid.uuid4()), s.meeting_url]
             args += [s.origin, s.display_name]
@@ -347,7 +379,7 @@ class RedisSessionStore(_Singles):
         if not outcomes:
             return
         keys = [self._key("s", o.guest_id) for o in outcomes]
-        args: list[Any] = [self.prefix, repr(self._clock()), int(self.finished_ttl_s * 1000)]
+        args: list[Any] = [self.prefix, repr(self._clock()), int(self.finished_ttl_s * 1000), self._tag]
         for o in outcomes:
             fence = o.fence
             args += [o.guest_id, o.outcome, int(o.rejoins)]
@@ -368,11 +400,25 @@ class RedisSessionStore(_Singles):
             raise LeaseLost([str(g) for g in lost])
 
     async def list(self) -> list[SessionRecord]:
-        async def read() -> list[SessionRecord]:
+        scope = self.scope
+        return await self._scan("list sessions", _escape_glob(self._tag) + "*", lambda r: r.scope == scope)
+
+    async def list_all(self, run_id: str | None = None) -> _Records:
+        return await self._scan("list sessions", "*", lambda r: run_id is None or r.run_id == run_id)
+
+    async def find(self, guest_id: str, run_id: str | None = None) -> _Records:
+        return await self._scan(
+            "find a guest",
+            "*" + _escape_glob(guest_id),
+            lambda r: r.guest_id == guest_id and (run_id is None or r.run_id == run_id),
+        )
+
+    async def _scan(self, doing: str, match: str, keep: Callable[[SessionRecord], bool]) -> _Records:
+        async def read() -> _Records:
             keys = [
                 k
                 async for k in self._redis.scan_iter(
-                    match=_escape_glob(self.prefix) + "s:*", count=SCAN_COUNT
+                    match=_escape_glob(self.prefix) + "s:" + match, count=SCAN_COUNT
                 )
             ]
             out: list[SessionRecord] = []
@@ -382,10 +428,12 @@ class RedisSessionStore(_Singles):
                     pipe.hmget(k, list(_FIELDS))
                 for values in await pipe.execute():
                     if values[1] is not None:  # expired between SCAN and HMGET
-                        out.append(self._record(values))
-            return sorted(out, key=lambda r: (r.created_at, r.guest_id))
+                        record = self._record(values)
+                        if keep(record):
+                            out.append(record)
+            return sorted(out, key=lambda r: (r.created_at, r.guest_id, r.run_id, r.target))
 
-        return await self._once("list sessions", read)
+        return await self._once(doing, read)
 
     # -- leases ------------------------------------------------------------------------------------------
 
@@ -421,4 +469,5 @@ class RedisSessionStore(_Singles):
         await self._redis.aclose()
 
     def __repr__(self) -> str:
-        return f"RedisSessionStore({self.url!r}, prefix={self.prefix!r})"
+        scope = "" if self.scope.legacy else f", run_id={self.scope.run_id!r}"
+        return f"RedisSessionStore({self.url!r}, prefix={self.prefix!r}{scope})"

@@ -27,6 +27,17 @@ GC_THRESHOLD = (10_000, 20, 20)
 """``gc.set_threshold`` of the ``anonjoin simulate`` process (Python's default is 700, 10, 10)."""
 
 
+EXAMPLES = """\
+examples:
+  anonjoin simulate
+      a simulator on ephemeral loopback ports; the JSON line says where to connect
+  anonjoin simulate --faults flaky --seed 7 --lobby admit --lobby-delay 2
+      random faults (seeded), and a lobby that admits after 2 s
+  anonjoin simulate --port 8443 --psat-ttl 60
+      a fixed port, psats that expire after a minute (to watch rejoins)
+"""
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "simulate",
@@ -35,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "TLS until SIGINT/SIGTERM. When ready it prints one JSON line: discover_url, authority, tenant, "
         "client_id, client_secret, endpoint_id, meeting_url, origin, ca_file, admin_url, pool_url, scope, "
         "admin_token (send it as X-Admin-Token to admin_url).",
+        epilog=EXAMPLES,
     )
     add = p.add_argument
     add("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
@@ -55,8 +67,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="seconds without a parked poll before an application expires (default 900)",
     )
-    add("--lobby", choices=("none", "admit", "deny"), default="none", help="lobby of the default meeting")
-    add("--lobby-delay", type=float, metavar="S", help="seconds before the lobby admits or denies (0.5)")
+    add(
+        "--lobby",
+        choices=("none", "admit", "deny"),
+        default="none",
+        help="lobby of the meeting (default none)",
+    )
+    add(
+        "--lobby-delay",
+        type=float,
+        metavar="S",
+        help="seconds before the lobby admits or denies (default 0.5)",
+    )
     add(
         "--rel-prefix",
         choices=("service:", "ms:rtc:saas:", "alternate"),

@@ -13,7 +13,14 @@ from pydantic import SecretStr
 
 from anonjoin import ConfigurationError
 from anonjoin._auth import ClientSecretCredential
-from anonjoin._settings import DEFAULT_SCOPE, InsecureTLSWarning, TargetSettings, load_config_file
+from anonjoin._settings import (
+    DEFAULT_SCOPE,
+    RUN_FIELDS,
+    InsecureTLSWarning,
+    TargetSettings,
+    load_config_file,
+    load_run_config,
+)
 
 SECRET = "file-secret-0123456789"
 
@@ -105,6 +112,17 @@ def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
     path = write_toml(tmp_path / "t.toml", 'client_idd = "x"\n')
     with pytest.raises(ConfigurationError, match="unknown setting 'client_idd'"):
         TargetSettings.load(config_file=path)
+
+
+def test_run_settings_share_the_file_with_the_target(tmp_path: Path) -> None:
+    """``guests = 1000`` is a run setting (anonjoin load's), not an unknown one; the target ignores it."""
+    path = write_toml(
+        tmp_path / "t.toml", 'client_id = "app"\nguests = 1000\nfail-if = "p95(join)>2s"\nno_html = true\n'
+    )
+    assert load_config_file(path) == {"client_id": "app"}
+    assert load_run_config(path) == {"guests": 1000, "fail_if": "p95(join)>2s", "no_html": True}
+    assert TargetSettings.load(config_file=path).client_id == "app"
+    assert set(RUN_FIELDS).isdisjoint(TargetSettings.model_fields)
 
 
 def test_bad_file_is_one_line_without_content(tmp_path: Path) -> None:

@@ -15,7 +15,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from anonjoin import LeaseHeld, LeaseLost, StoreError
-from anonjoin._store import MemorySessionStore, NewSession, Outcome, SessionStore, SqliteSessionStore
+from anonjoin._store import (
+    LEGACY_SCOPE,
+    MemorySessionStore,
+    NewSession,
+    Outcome,
+    SessionScope,
+    SessionStore,
+    SqliteSessionStore,
+)
 from anonjoin._store_redis import RedisSessionStore
 
 from ._redis import RedisServer
@@ -42,41 +50,55 @@ class Backend:
     lapse: Callable[[str], object]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+SCOPE = SessionScope.for_target(
+    discover_url="https://sip.example.test/discover", endpoint_id="sip:app@example.test",
+    meeting_url=MEETING, run_id="contract-run",
+)  # fmt: skip
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "memory-scoped", "sqlite-scoped", "redis-scoped"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Every backend in the legacy scope and in a run's scope: the contract holds per scoped guest."""
     clock = Clock()
-    if request.param == "memory":
-        mem = MemorySessionStore(clock=clock)
+    kind, _, scoped = str(request.param).partition("-")
+    scope = SCOPE if scoped else LEGACY_SCOPE
+    if kind == "memory":
+        mem = MemorySessionStore(clock=clock, scope=scope)
 
         def lapse_mem(guest_id: str) -> None:
-            token, _expires = mem._leases[guest_id]
-            mem._leases[guest_id] = (token, clock.now)  # expires now
+            key = (scope.target, scope.run_id, guest_id)
+            token, _expires = mem._leases[key]
+            mem._leases[key] = (token, clock.now)  # expires now
 
         made = Backend(mem, mem, lapse_mem)
-    elif request.param == "sqlite":
+    elif kind == "sqlite":
 
         def lapse_file(guest_id: str) -> None:
             with contextlib.closing(sqlite3.connect(tmp_path / "s.db", isolation_level=None)) as db:
-                db.execute("UPDATE leases SET expires_at = ? WHERE guest_id = ?", (clock.now, guest_id))
+                db.execute(
+                    "UPDATE leases SET expires_at = ? WHERE guest_id = ? AND run_id = ? AND target = ?",
+                    (clock.now, guest_id, scope.run_id, scope.target),
+                )
 
         made = Backend(
-            SqliteSessionStore(tmp_path / "s.db", clock=clock),
-            SqliteSessionStore(tmp_path / "s.db", clock=clock),
+            SqliteSessionStore(tmp_path / "s.db", clock=clock, scope=scope),
+            SqliteSessionStore(tmp_path / "s.db", clock=clock).scoped(scope),
             lapse_file,
         )
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         prefix = f"t{uuid.uuid4().hex[:8]}:"
         raw = aioredis.Redis.from_url(server.url)
+        store = RedisSessionStore(server.url, prefix, scope=scope)
 
         async def lapse(guest_id: str) -> None:
-            await raw.delete(f"{prefix}lease:{guest_id}")  # what an expiry does
+            await raw.delete(store._key("lease", guest_id))  # what an expiry does
 
-        made = Backend(RedisSessionStore(server.url, prefix), RedisSessionStore(server.url, prefix), lapse)
+        made = Backend(store, RedisSessionStore(server.url, prefix).scoped(scope), lapse)
     yield made
     await made.store.aclose()
     await made.other.aclose()
-    if request.param == "redis":
+    if kind == "redis":
         await raw.aclose()
 
 
