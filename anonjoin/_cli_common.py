@@ -228,6 +228,8 @@ RUN_FIELDS = (
     "report",
     "html",
     "no_html",
+    "csv",
+    "junit",
     "fail_if",
     "progress",
     "progress_interval",
