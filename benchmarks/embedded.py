@@ -1,0 +1,99 @@
+"""``python -m benchmarks.embedded [--repeats 3] [--guests 300,2000]``: the README main job, in-process vs
+its own processes.
+
+Runs ``anonjoin load`` (its defaults, no target: the embedded simulator) with
+``ANONJOIN_EMBEDDED_SIMULATOR=in-process`` (the simulator in the client's event loop, as before issue 14)
+and ``=processes`` (the simulator in its own process, the default on a machine with more than one core),
+alternating the two, ``--repeats`` times for each guest count. Each run's figures come from its JSON
+report: wall time (the whole command, start-up and the hold included), the join phase, joins/s and the p50
+join latency. Prints the median of each and the ratio in-process / processes (>1: the processes are
+faster), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MODES = ("in-process", "processes")
+RUN_TIMEOUT_S = 600.0
+
+
+def run_once(mode: str, guests: int, workdir: Path) -> dict[str, float]:
+    report = workdir / f"report-{mode}-{guests}.json"
+    env = {**os.environ, "ANONJOIN_EMBEDDED_SIMULATOR": mode}
+    cmd = [sys.executable, "-m", "anonjoin", "load", "--guests", str(guests), "--store", ":memory:"]
+    cmd += ["--progress", "off", "--report", str(report), "--html", str(workdir / "report.html")]
+    started = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=workdir, check=True, timeout=RUN_TIMEOUT_S, capture_output=True)
+    wall = time.perf_counter() - started
+    data: dict[str, Any] = json.loads(report.read_text())
+    if data["joined"] != guests:
+        raise SystemExit(f"benchmarks.embedded: {mode}: {data['joined']} of {guests} guests joined")
+    return {
+        "wall_s": wall,
+        "join_phase_s": float(data["join_phase_s"]),
+        "joins_per_s": float(data["joins_per_s"]),
+        "p50_ms": float(data["join_latency_ms"]["p50"]),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.embedded", description=__doc__)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each mode per guest count (default 3)")
+    p.add_argument("--guests", default="300,2000", help="guest counts, comma-separated (default 300,2000)")
+    p.add_argument("--out", default="", help="write the runs and medians as JSON here")
+    ns = p.parse_args(argv)
+    counts = [int(n) for n in ns.guests.split(",") if n.strip()]
+    print(f"cores usable: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.2f}")
+    out: dict[str, Any] = {"repeats": ns.repeats, "loadavg_start": os.getloadavg()[0], "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="anonjoin-bench-") as tmp:
+        for guests in counts:
+            runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+            for i in range(ns.repeats):
+                order = MODES if i % 2 == 0 else MODES[::-1]  # alternate which mode goes first
+                for mode in order:
+                    r = run_once(mode, guests, Path(tmp))
+                    runs[mode].append(r)
+                    print(
+                        f"{guests} guests, {mode:10}: wall {r['wall_s']:.2f} s, join phase "
+                        f"{r['join_phase_s']:.2f} s, {r['joins_per_s']:.1f} joins/s, "
+                        f"p50 {r['p50_ms']:.0f} ms",
+                        flush=True,
+                    )
+            medians = {
+                mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()
+            }
+            before, after = medians["in-process"], medians["processes"]
+            print(f"{guests} guests, medians of {ns.repeats}:")
+            print("| embedded simulator | wall s | join phase s | joins/s | p50 join ms |")
+            print("| --- | ---: | ---: | ---: | ---: |")
+            for mode in MODES:
+                m = medians[mode]
+                print(
+                    f"| {mode} | {m['wall_s']:.2f} | {m['join_phase_s']:.2f} | {m['joins_per_s']:.1f} "
+                    f"| {m['p50_ms']:.0f} |"
+                )
+            print(
+                f"join phase {before['join_phase_s'] / after['join_phase_s']:.2f}x faster, "
+                f"p50 {before['p50_ms'] / after['p50_ms']:.2f}x lower, "
+                f"wall {before['wall_s'] / after['wall_s']:.2f}x (in-process / processes)"
+            )
+            out["runs"][str(guests)] = {"runs": runs, "medians": medians}
+    out["loadavg_end"] = os.getloadavg()[0]
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
