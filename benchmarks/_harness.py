@@ -160,8 +160,8 @@ class SimulatorProcess:
     command: Sequence[str] | None = None
     extra_args: Sequence[str] = ()
     pools: int = 1
-    """``--pools N``: a front door and N pool processes; CPU and RSS are summed over all of them, and
-    ``cpu`` pins the front door only when ``pin`` is empty."""
+    """``--pools N``: a front door and N pool processes; CPU and RSS are summed over all of them. ``cpu``
+    is ignored then (the pools would inherit it): the processes run where ``pin`` says, else anywhere."""
     pin: Sequence[int] = ()
     """``--pin``: the CPUs of the front door and each pool (round robin), instead of ``cpu``."""
     start_timeout_s: float = 60.0
@@ -184,7 +184,7 @@ class SimulatorProcess:
             args += ["--pin", ",".join(str(cpu) for cpu in self.pin)]
         self._stderr = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
-            args if self.pin else pinned(args, self.cpu),
+            args if self.pin or self.pools > 1 else pinned(args, self.cpu),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

@@ -204,10 +204,9 @@ def run(ns: argparse.Namespace) -> int:
 
         pin_to(cpus[0])
     try:
-        asyncio.run(_serve(config, ns, cpus))
+        return asyncio.run(_serve(config, ns, cpus))
     except OSError as exc:
         raise ConfigurationError(f"cannot listen: {exc.strerror or exc}") from None
-    return 0
 
 
 def _run_pool(ns: argparse.Namespace) -> int:
@@ -225,10 +224,9 @@ def _run_pool(ns: argparse.Namespace) -> int:
         pin_to(cpus[0])
     role = PoolRole(index=ns.pool_index, main_url=ns.main_url, material=material)
     try:
-        asyncio.run(_serve(config, ns, (), role))
+        return asyncio.run(_serve(config, ns, (), role))
     except OSError as exc:
         raise ConfigurationError(f"cannot listen: {exc.strerror or exc}") from None
-    return 0
 
 
 def _set_tls_read_buffer(kb: int) -> None:
@@ -248,7 +246,7 @@ def _set_tls_read_buffer(kb: int) -> None:
 
 async def _serve(
     config: SimulatorConfig, ns: argparse.Namespace, cpus: tuple[int, ...], role: PoolRole | None = None
-) -> None:
+) -> int:
     import json
     import os
 
@@ -269,7 +267,12 @@ async def _serve(
             line = json.dumps({"pool_url": sim.info.pool_url, "pid": os.getpid()})
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        await stop.wait()
+        stopped, lost = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(sim.wait_lost())
+        await asyncio.wait((stopped, lost), return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stopped, lost):
+            waiter.cancel()
+        await asyncio.gather(stopped, lost, return_exceptions=True)
+    return 1 if lost.done() and not lost.cancelled() else 0  # 1: a pool is gone (the log line says which)
 
 
 def _tune_gc() -> None:

@@ -230,6 +230,9 @@ class FrontDoor:
         self.pools: list[_Pool] = []
         self._owners = itertools.count(1)  # the default meeting is pool 0's
         self._session: aiohttp.ClientSession | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self.lost = asyncio.Event()
+        """Set when a pool exits while the front door runs (the simulator is broken: stop it)."""
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -264,6 +267,12 @@ class FrontDoor:
         )
         self.core.pool_urls = self.urls
         await self._each("POST", "/_admin/_internal/sync", {"pool_urls": list(self.urls)})
+        self._watchers = [asyncio.create_task(self._watch(pool)) for pool in self.pools]
+
+    async def _watch(self, pool: _Pool) -> None:
+        code = await pool.process.wait()
+        log.error("simulator pool %d (pid %d) exited with status %s: stopping", pool.index, pool.pid, code)
+        self.lost.set()
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         args = [
@@ -292,6 +301,10 @@ class FrontDoor:
         )
 
     async def aclose(self) -> None:
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -180,6 +180,13 @@ class Simulator:
     ) -> None:
         await self.aclose()
 
+    async def wait_lost(self) -> None:
+        """Return when a pool process exited under this front door (never without pool processes)."""
+        if self._front is None:
+            await asyncio.Event().wait()
+        else:
+            await self._front.lost.wait()
+
     # -- inspection and actions ----------------------------------------------------------------------
     @property
     def info(self) -> SimulatorInfo:

@@ -204,6 +204,18 @@ async def test_killing_the_front_door_takes_its_pools_down() -> None:
         await sim.aclose()
 
 
+async def test_a_lost_pool_stops_the_front_door() -> None:
+    sim = SimulatorProcess(pools=2)
+    await sim.start()
+    try:
+        front, pool, other = sim.pids
+        os.kill(pool, signal.SIGKILL)
+        assert await asyncio.to_thread(_wait_gone, front), "the front door kept running without a pool"
+        assert await asyncio.to_thread(_wait_gone, other)
+    finally:
+        await sim.aclose()
+
+
 async def test_stopping_leaves_no_process_behind() -> None:
     sim = SimulatorProcess(pools=2)
     await sim.start()
