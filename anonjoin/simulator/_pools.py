@@ -87,7 +87,6 @@ class Material:
     directory: Path
 
     def write(self, config: SimulatorConfig, core: Core) -> None:
-        d = self.directory
         dump = config.model_dump(mode="json", exclude={"clock"})
         self._put("config.json", json.dumps(dump).encode())
         for name, pem in key_pems().items():
@@ -97,7 +96,6 @@ class Material:
         self._put("server-key.pem", key)
         self._put("admin-token", core.admin_token.encode())
         self._put("meetings.json", json.dumps([m.spec() for m in core.state.meetings.values()]).encode())
-        assert d.is_dir()
 
     def _put(self, name: str, data: bytes) -> None:
         path = self.directory / name

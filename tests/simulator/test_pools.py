@@ -12,6 +12,7 @@ import select
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -223,6 +224,14 @@ async def test_stopping_leaves_no_process_behind() -> None:
     await sim.aclose()
     for pid in pids:
         assert _wait_gone(pid, 0.0)
+
+
+def test_the_sync_launcher_starts_and_stops_by_pid() -> None:
+    with SimulatorProcess() as sim:  # one process for everything (--pools 1)
+        (pid,) = sim.pids
+        assert sim.info.pool_urls == (sim.info.pool_url,)
+        assert b"simulate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert _wait_gone(pid, 0.0)
 
 
 def test_each_pool_has_its_own_stable_seed() -> None:
