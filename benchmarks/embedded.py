@@ -6,8 +6,10 @@ Runs ``anonjoin load`` (its defaults, no target: the embedded simulator) with
 and ``=processes`` (the simulator in its own process, the default on a machine with more than one core),
 alternating the two, ``--repeats`` times for each guest count. Each run's figures come from its JSON
 report: wall time (the whole command, start-up and the hold included), the join phase, joins/s and the p50
-join latency. Prints the median of each and the ratio in-process / processes (>1: the processes are
-faster), measured in the same run.
+join latency, and the CPU seconds of the client and its simulator together (``RUSAGE_CHILDREN``: the
+simulator process is the client's child, reaped by it). Prints the median of each and the ratios
+in-process / processes (>1: the processes are better), each the median over the repeats of the ratio of a
+pair of runs made back to back (the machine's load drifts between pairs much more than within one).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,9 +36,12 @@ def run_once(mode: str, guests: int, workdir: Path) -> dict[str, float]:
     env = {**os.environ, "ANONJOIN_EMBEDDED_SIMULATOR": mode}
     cmd = [sys.executable, "-m", "anonjoin", "load", "--guests", str(guests), "--store", ":memory:"]
     cmd += ["--progress", "off", "--report", str(report), "--html", str(workdir / "report.html")]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(cmd, env=env, cwd=workdir, check=True, timeout=RUN_TIMEOUT_S, capture_output=True)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     data: dict[str, Any] = json.loads(report.read_text())
     if data["joined"] != guests:
         raise SystemExit(f"benchmarks.embedded: {mode}: {data['joined']} of {guests} guests joined")
@@ -44,6 +50,7 @@ def run_once(mode: str, guests: int, workdir: Path) -> dict[str, float]:
         "join_phase_s": float(data["join_phase_s"]),
         "joins_per_s": float(data["joins_per_s"]),
         "p50_ms": float(data["join_latency_ms"]["p50"]),
+        "cpu_ms_per_guest": cpu * 1000 / guests,
     }
 
 
@@ -67,28 +74,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(
                         f"{guests} guests, {mode:10}: wall {r['wall_s']:.2f} s, join phase "
                         f"{r['join_phase_s']:.2f} s, {r['joins_per_s']:.1f} joins/s, "
-                        f"p50 {r['p50_ms']:.0f} ms",
+                        f"p50 {r['p50_ms']:.0f} ms, CPU {r['cpu_ms_per_guest']:.1f} ms/guest",
                         flush=True,
                     )
             medians = {
                 mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()
             }
-            before, after = medians["in-process"], medians["processes"]
+            pairs = list(zip(runs["in-process"], runs["processes"], strict=True))
+            paired = {k: statistics.median(b[k] / a[k] for b, a in pairs) for k in runs["processes"][0]}
             print(f"{guests} guests, medians of {ns.repeats}:")
-            print("| embedded simulator | wall s | join phase s | joins/s | p50 join ms |")
-            print("| --- | ---: | ---: | ---: | ---: |")
+            print("| embedded simulator | wall s | join phase s | joins/s | p50 join ms | CPU ms/guest |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: |")
             for mode in MODES:
                 m = medians[mode]
                 print(
                     f"| {mode} | {m['wall_s']:.2f} | {m['join_phase_s']:.2f} | {m['joins_per_s']:.1f} "
-                    f"| {m['p50_ms']:.0f} |"
+                    f"| {m['p50_ms']:.0f} | {m['cpu_ms_per_guest']:.1f} |"
                 )
             print(
-                f"join phase {before['join_phase_s'] / after['join_phase_s']:.2f}x faster, "
-                f"p50 {before['p50_ms'] / after['p50_ms']:.2f}x lower, "
-                f"wall {before['wall_s'] / after['wall_s']:.2f}x (in-process / processes)"
+                f"paired ratios in-process / processes (median of {ns.repeats}): join phase "
+                f"{paired['join_phase_s']:.2f}, p50 {paired['p50_ms']:.2f}, wall {paired['wall_s']:.2f}, "
+                f"CPU per guest {paired['cpu_ms_per_guest']:.2f}"
             )
-            out["runs"][str(guests)] = {"runs": runs, "medians": medians}
+            out["runs"][str(guests)] = {"runs": runs, "medians": medians, "paired_ratios": paired}
     out["loadavg_end"] = os.getloadavg()[0]
     if ns.out:
         Path(ns.out).write_text(json.dumps(out, indent=2) + "\n")
