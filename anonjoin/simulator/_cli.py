@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Run the local simulator (Azure AD, Trusted Application API, UCWA psanon) on loopback "
         "TLS until SIGINT/SIGTERM. When ready it prints one JSON line: discover_url, authority, tenant, "
         "client_id, client_secret, endpoint_id, meeting_url, origin, ca_file, admin_url, pool_url, scope, "
-        "admin_token (send it as X-Admin-Token to admin_url).",
+        "admin_token (send it as X-Admin-Token to admin_url), pool_urls and pids (with --pools N: the front "
+        "door's PID, then each pool's).",
     )
     add = p.add_argument
     add("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")

@@ -9,7 +9,8 @@ an event loop.
 Rules:
 - No orphans: the child's stdin is a pipe from this process, so it ends when this process ends in any way
   (SIGKILL included): EOF on the pipe, and on Linux the parent-death signal (``_pools.lifeline``). Its
-  pools end with it the same way.
+  pools end with it the same way. Linux sends that signal when the *thread* that started the child ends:
+  start it from a thread that outlives it (the event loop's thread, or the main thread).
 - The child runs in its own session: a Ctrl-C at the terminal reaches the client only, which then stops
   the simulator when it is done with it (guests leaving need it).
 - Its stderr is this process's (a simulator that cannot start says why in one line there).
