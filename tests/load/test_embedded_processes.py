@@ -8,6 +8,7 @@ another and waits (pidfds, bounded) for every simulator process to exit.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from anonjoin import _cli_load as cli_load
+from anonjoin._cli import main
 from anonjoin._cli_load import EMBEDDED_ENV, _embedded_pools
 from anonjoin._exceptions import ConfigurationError
 from anonjoin.simulator._pools import descendants
@@ -109,3 +112,12 @@ def test_the_embedded_mode_is_read_from_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv(EMBEDDED_ENV, "sideways")
     with pytest.raises(ConfigurationError, match=EMBEDDED_ENV):
         _embedded_pools()
+
+
+def test_a_load_against_pool_processes_passes_the_service_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_load, "_embedded_pools", lambda: 2)  # a front door and two pools
+    code = main(["load", "--guests", "60", "--hold", "0", "--store", ":memory:", "--progress", "off"])
+    report = json.loads(Path("anonjoin-report.json").read_text())
+    assert code == 0 and report["joined"] == 60
+    check = report["service_check"]
+    assert check["ok"] is True and check["application_session_ids_seen"] == 60
