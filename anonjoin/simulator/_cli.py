@@ -263,7 +263,7 @@ async def _serve(
     async with Simulator(config, pools=ns.pools if role is None else 1, cpus=cpus, pool=role) as sim:
         _tune_gc()
         if role is None:
-            line = sim.info.model_dump_json()
+            line = sim.info.model_copy(update={"pids": (os.getpid(), *sim.info.pids)}).model_dump_json()
         else:
             line = json.dumps({"pool_url": sim.info.pool_url, "pid": os.getpid()})
         sys.stdout.write(line + "\n")

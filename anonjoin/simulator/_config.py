@@ -135,4 +135,5 @@ class SimulatorInfo(BaseModel):
     pool_urls: tuple[str, ...] = ()
     """Every UCWA pool's base URL (one per pool process with ``--pools N``; ``pool_url`` is the first)."""
     pids: tuple[int, ...] = ()
-    """The simulator's processes: the one that printed this first (the front door), then its pools."""
+    """The processes of a simulator that runs on its own: the PID of ``anonjoin simulate`` (the front door)
+    first, then its pools'. An in-process ``Simulator`` lists only the pool processes it started."""

@@ -12,7 +12,6 @@ the first simulator of the process (keys and certificates are cached in ``_tls``
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -143,7 +142,7 @@ class Simulator:
             client_cert_thumbprint=client_identity().thumbprint,
             admin_token=core.admin_token,
             pool_urls=self._front.urls if self._front else (core.pool_base,),
-            pids=(os.getpid(), *(self._front.pids if self._front else ())),
+            pids=self._front.pids if self._front else (),
         )
         return self._info
 
