@@ -31,6 +31,13 @@ MODES = ("in-process", "processes")
 RUN_TIMEOUT_S = 600.0
 
 
+def _p50_join_ms(report: dict[str, Any]) -> float:
+    """The p50 join latency of a load report (schema 2: ``latency.join.p50_ms``; schema 1 before it)."""
+    if "latency" in report:
+        return float(report["latency"]["join"]["p50_ms"])
+    return float(report["join_latency_ms"]["p50"])
+
+
 def run_once(mode: str, guests: int, workdir: Path) -> dict[str, float]:
     report = workdir / f"report-{mode}-{guests}.json"
     env = {**os.environ, "ANONJOIN_EMBEDDED_SIMULATOR": mode}
@@ -49,7 +56,7 @@ def run_once(mode: str, guests: int, workdir: Path) -> dict[str, float]:
         "wall_s": wall,
         "join_phase_s": float(data["join_phase_s"]),
         "joins_per_s": float(data["joins_per_s"]),
-        "p50_ms": float(data["join_latency_ms"]["p50"]),
+        "p50_ms": _p50_join_ms(data),
         "cpu_ms_per_guest": cpu * 1000 / guests,
     }
 
