@@ -37,7 +37,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -464,7 +464,24 @@ class _Target:
     settings: TargetSettings
     label: str
     embedded: bool
-    simulator: Any = None
+    snapshot: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    """The embedded simulator's admin state (for the service check), or None for a target."""
+
+
+EMBEDDED_ENV = "ANONJOIN_EMBEDDED_SIMULATOR"
+"""Where the embedded simulator runs: ``auto`` (its own processes when this process may use more than one
+core, else the client's loop), ``in-process`` or ``processes``."""
+
+
+def _embedded_pools() -> int:
+    """The embedded simulator's pool processes; 0: in the client's own loop (one core, or asked to)."""
+    mode = os.environ.get(EMBEDDED_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "in-process", "processes"):
+        raise ConfigurationError(f"{EMBEDDED_ENV}: expected auto, in-process or processes, got {mode!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if mode == "in-process" or (mode == "auto" and cores < 2):
+        return 0
+    return 1 if cores < 4 else min(cores // 2, 8)  # the client keeps about half the cores
 
 
 @contextlib.asynccontextmanager
@@ -475,15 +492,24 @@ async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIter
         settings.require(*REQUIRED_FOR_TARGET, "meeting_url", "origin")
         yield _Target(settings, redact_url(settings.discover_url), embedded=False)
         return
-    from anonjoin.simulator import Simulator, SimulatorConfig
-    from anonjoin.simulator._faults import FaultProfile
+    from anonjoin.simulator import FaultProfile, Simulator, SimulatorConfig, SimulatorProcess
 
     profile = FaultProfile.load(ns.faults)  # ConfigurationError for an unknown name or a bad file
+    label = f"embedded simulator (faults {profile.name}, seed {ns.seed})"
+    pools = _embedded_pools()
+    if pools:  # its own process(es), stopped by PID at the end; they die with this process in any case
+        async with SimulatorProcess(pools=pools, seed=ns.seed, faults=ns.faults) as process:
+            log.debug("anonjoin.cli.simulator: processes %s", " ".join(str(pid) for pid in process.pids))
+            simulated = simulator_settings(process.info, display_name=settings.display_name)
+            yield _Target(simulated, label, embedded=True, snapshot=process.snapshot)
+        return
     async with Simulator(SimulatorConfig(seed=ns.seed, faults=profile)) as sim:
-        info = sim.info
-        simulated = simulator_settings(info, display_name=settings.display_name)
-        label = f"embedded simulator (faults {profile.name}, seed {ns.seed})"
-        yield _Target(simulated, label, embedded=True, simulator=sim)
+
+        async def snapshot() -> dict[str, Any]:
+            return sim.snapshot()
+
+        simulated = simulator_settings(sim.info, display_name=settings.display_name)
+        yield _Target(simulated, label, embedded=True, snapshot=snapshot)
 
 
 # -- anonjoin load ---------------------------------------------------------------------------------
@@ -658,8 +684,8 @@ async def _load(
             finally:
                 await credential.aclose()
             service_check = (
-                check_against_service(result.guests, target.simulator.snapshot())
-                if target.simulator is not None
+                check_against_service(result.guests, await target.snapshot())
+                if target.snapshot is not None
                 else None
             )
     finally:

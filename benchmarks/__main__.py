@@ -62,6 +62,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--client", default="anonjoin", choices=("anonjoin", "client", "raw"), help="client for growth/held"
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin simulator and clients to cores")
+    p.add_argument(
+        "--pools",
+        type=int,
+        default=1,
+        help="run the simulator as a front door and N pool processes (`anonjoin simulate --pools N`); "
+        "its CPU is summed over every process",
+    )
+    p.add_argument(
+        "--sim-pin",
+        default="",
+        metavar="CPU,...",
+        help="the simulator's --pin (front door, then each pool) instead of the simulator core",
+    )
     return p.parse_args(argv)
 
 
@@ -82,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=lambda line: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {line}"),
         seed=ns.seed,
         sim_command=shlex.split(ns.simulator_cmd) if ns.simulator_cmd else None,
+        sim_pools=ns.pools,
+        sim_pin=tuple(int(c) for c in ns.sim_pin.split(",") if c.strip()),
         reuse_simulator=ns.smoke,
     )
     which = ns.only or list(SCENARIOS)
@@ -93,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": "smoke" if ns.smoke else "quick" if ns.quick else "full",
         "sizes": dataclasses.asdict(sizes),
         "experiment": env.extra_spec,
-        "pinning": {"simulator_cpu": sim_cpu, "client_cpu": client_cpu},
+        "pinning": {"simulator_cpu": sim_cpu, "client_cpu": client_cpu, "simulator_pin": ns.sim_pin},
+        "simulator_pools": ns.pools,
         "loadavg_start": loadavg(),
     }
     env.log(
@@ -329,7 +345,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Machine: {report['machine']}; load average at start {report['loadavg_start']:.2f}",
         f"- Command: `{report['command']}` ({report['duration_s']:.0f} s)",
         f"- Pinning: simulator on cpu {report['pinning']['simulator_cpu']}, "
-        f"clients on cpu {report['pinning']['client_cpu']}",
+        f"clients on cpu {report['pinning']['client_cpu']}"
+        + (
+            f"; simulator `--pools {report['simulator_pools']}`"
+            + (f" `--pin {report['pinning']['simulator_pin']}`" if report["pinning"]["simulator_pin"] else "")
+            if report.get("simulator_pools", 1) > 1
+            else ""
+        ),
         "",
     ]
     if "overhead" in report:

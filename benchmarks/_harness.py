@@ -159,6 +159,11 @@ class SimulatorProcess:
     cpu: int | None = None
     command: Sequence[str] | None = None
     extra_args: Sequence[str] = ()
+    pools: int = 1
+    """``--pools N``: a front door and N pool processes; CPU and RSS are summed over all of them. ``cpu``
+    is ignored then (the pools would inherit it): the processes run where ``pin`` says, else anywhere."""
+    pin: Sequence[int] = ()
+    """``--pin``: the CPUs of the front door and each pool (round robin), instead of ``cpu``."""
     start_timeout_s: float = 60.0
     info: dict[str, Any] = field(default_factory=dict)
     _proc: subprocess.Popen[str] | None = None
@@ -173,9 +178,13 @@ class SimulatorProcess:
     def start(self) -> dict[str, Any]:
         base = list(self.command) if self.command else [sys.executable, "-m", "anonjoin", "simulate"]
         args = [*base, "--port", "0", "--seed", str(self.seed), "--faults", "none", *self.extra_args]
+        if self.pools > 1:
+            args += ["--pools", str(self.pools)]
+        if self.pin:
+            args += ["--pin", ",".join(str(cpu) for cpu in self.pin)]
         self._stderr = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
-            pinned(args, self.cpu),
+            args if self.pin or self.pools > 1 else pinned(args, self.cpu),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -196,11 +205,16 @@ class SimulatorProcess:
         threading.Thread(target=_drain, args=(self._proc.stdout,), daemon=True).start()
         return info
 
+    @property
+    def pids(self) -> list[int]:
+        """Every process of the simulator (the front door, then its pools with ``--pools N``)."""
+        return [int(pid) for pid in self.info.get("pids") or ()] or [self.pid]
+
     def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.pid)
+        return sum(proc_cpu_seconds(pid) for pid in self.pids)
 
     def rss_bytes(self) -> int:
-        return proc_rss_bytes(self.pid)
+        return sum(proc_rss_bytes(pid) for pid in self.pids)
 
     def snapshot(self) -> dict[str, Any]:
         """``GET {admin_url}/state`` (the admin view: request counts by route and status, ...)."""

@@ -102,6 +102,8 @@ class Env:
     sim_command: Sequence[str] | None = None
     extra_spec: dict[str, Any] = field(default_factory=dict)  # experiment knobs passed to every worker
 
+    sim_pools: int = 1  # --pools N of the simulator
+    sim_pin: Sequence[int] = ()  # --pin of the simulator (front door, then pools), instead of sim_cpu
     reuse_simulator: bool = False  # smoke runs: one simulator for every scenario (saves start-ups)
     failures: list[dict[str, Any]] = field(default_factory=list)  # runs that did not complete, in full
     _shared: SimulatorProcess | None = None
@@ -112,7 +114,9 @@ class Env:
         if self.reuse_simulator and self._shared is not None:
             yield self._shared
             return
-        sim = SimulatorProcess(seed=self.seed, cpu=self.sim_cpu, command=self.sim_command)
+        sim = SimulatorProcess(
+            seed=self.seed, cpu=self.sim_cpu, command=self.sim_command, pools=self.sim_pools, pin=self.sim_pin
+        )
         sim.start()
         if self.reuse_simulator:
             self._shared = sim

@@ -5,6 +5,8 @@ on two ephemeral loopback TLS listeners (main and pool); ``anonjoin simulate`` r
 line. protocol.md §3-§8 is the contract. The modules, from the wire inwards::
 
     _server.py    Simulator: listeners, TLS files, lifecycle, in-process admin actions
+    _process.py   SimulatorProcess: the simulator as child process(es), stopped by PID, never orphaned
+    _pools.py     --pools N: the front door, its pool processes, the merged admin view, the lifeline
     _app.py       the route table and the one dispatcher (faults, 307s, counting, timelines)
     _aad.py       Azure AD: OpenID configuration, keys, client-credentials token endpoint
     _tap.py       Trusted Application API: discover, applications, capabilities, tokens, adhocMeetings
@@ -30,9 +32,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from anonjoin.simulator._config import SimulatorConfig, SimulatorInfo
     from anonjoin.simulator._faults import FaultInjector, FaultProfile, FaultRule
+    from anonjoin.simulator._process import SimulatorProcess
     from anonjoin.simulator._server import Simulator
 
-__all__ = ["FaultInjector", "FaultProfile", "FaultRule", "Simulator", "SimulatorConfig", "SimulatorInfo"]
+__all__ = [
+    "FaultInjector",
+    "FaultProfile",
+    "FaultRule",
+    "Simulator",
+    "SimulatorConfig",
+    "SimulatorInfo",
+    "SimulatorProcess",
+]
 
 _LAZY: dict[str, str] = {
     "FaultInjector": "anonjoin.simulator._faults",
@@ -41,6 +52,7 @@ _LAZY: dict[str, str] = {
     "Simulator": "anonjoin.simulator._server",
     "SimulatorConfig": "anonjoin.simulator._config",
     "SimulatorInfo": "anonjoin.simulator._config",
+    "SimulatorProcess": "anonjoin.simulator._process",
 }
 
 

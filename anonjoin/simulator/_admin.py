@@ -5,6 +5,11 @@ Routes: ``GET /_admin/state`` (the snapshot), ``POST /_admin/meetings`` (``{"lob
 ``POST /_admin/guests/{asi}/drop|eject|admit``, ``GET|PUT /_admin/faults`` (a ``FaultProfile`` as JSON, or
 ``{"name": "<profile>"}`` for a named one). Unknown ids answer 404; bad bodies 400.
 
+With pool processes (``anonjoin simulate --pools N``) the front door answers for the whole simulator
+(``_pools.FrontDoor.admin``: the state merged over every process, actions sent to every pool). Each pool
+also takes ``POST /_admin/_internal/sync`` (``{"pool_urls": [...], "meetings": [Meeting.spec(), ...]}``)
+from its front door.
+
 Every route needs the simulator's admin token (``SimulatorInfo.admin_token``) in ``X-Admin-Token``:
 without it 401, a wrong one 403 (compared in constant time). The token is never logged or echoed.
 """
@@ -23,8 +28,9 @@ from pydantic import ValidationError
 from anonjoin._exceptions import ConfigurationError
 from anonjoin.simulator._core import Core
 from anonjoin.simulator._faults import PROFILES, FaultProfile
+from anonjoin.simulator._meetings import Meeting
 
-__all__ = ["ADMIN_TOKEN_HEADER", "handle"]
+__all__ = ["ADMIN_TOKEN_HEADER", "handle", "local"]
 
 ADMIN_TOKEN_HEADER = "X-Admin-Token"
 
@@ -60,6 +66,13 @@ async def handle(core: Core, request: web.BaseRequest) -> web.StreamResponse:
     denied = _denied(core, request)
     if denied is not None:
         return denied
+    if core.cluster is not None:
+        return await core.cluster.admin(request, local)
+    return await local(core, request)
+
+
+async def local(core: Core, request: web.BaseRequest) -> web.StreamResponse:
+    """The admin view of this process alone (the token already checked)."""
     path, method = request.path.rstrip("/"), request.method
     try:
         if path in ("/_admin", "/_admin/state") and method == "GET":
@@ -97,6 +110,16 @@ async def handle(core: Core, request: web.BaseRequest) -> web.StreamResponse:
             if not done:
                 return _error(404, f"guest {asi!r} is not in a meeting")
             return web.json_response({action: asi})
+        if path == "/_admin/_internal/sync" and method == "POST":
+            body = await _body(request)
+            urls = body.get("pool_urls")
+            if urls is not None:
+                if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                    raise ValueError("pool_urls must be a list of URLs")
+                core.pool_urls = tuple(urls)
+            for spec in body.get("meetings", ()):
+                core.state.add_meeting(Meeting(**spec))
+            return web.json_response({"meetings": len(core.state.meetings)})
     except (ValueError, TypeError, RecursionError, ValidationError, ConfigurationError) as exc:
         return _error(400, " ".join(str(exc).split())[:300])
     return _error(404, "no such admin route")

@@ -1,8 +1,12 @@
 """``anonjoin simulate``: run the simulator until SIGINT/SIGTERM.
 
 When both listeners are up it prints ONE JSON line on stdout (``SimulatorInfo``) and flushes; it then
-serves until a signal and exits 0. A bad flag value or an unreadable fault file is one line on stderr and
-exit 2 (``ConfigurationError`` through the main CLI).
+serves until a signal and exits 0. ``--pools N`` (N > 1) makes it the front door of N pool processes
+(``_pools``; each started as ``anonjoin simulate --role pool``, the hidden flags); ``--pin CPU,...`` runs
+the front door on the first CPU and each pool on the next ones (round robin); ``--exit-with-stdin`` stops it
+when its stdin (a pipe from the process that started it) reaches EOF, or when that process dies. A bad
+flag value or an unreadable fault file is one line on stderr and exit 2 (``ConfigurationError`` through
+the main CLI).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from anonjoin._exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # imported when the command runs, not when it is registered (``--help`` stays cheap)
     from anonjoin.simulator._config import SimulatorConfig
+    from anonjoin.simulator._server import PoolRole
 
 __all__ = ["register", "run"]
 
@@ -33,8 +38,9 @@ examples:
       a simulator on ephemeral loopback ports; the JSON line says where to connect
   anonjoin simulate --faults flaky --seed 7 --lobby admit --lobby-delay 2
       random faults (seeded), and a lobby that admits after 2 s
-  anonjoin simulate --port 8443 --psat-ttl 60
-      a fixed port, psats that expire after a minute (to watch rejoins)
+  anonjoin simulate --pools 2 --pin 0,1 --psat-ttl 60
+      a front door and two UCWA pool processes (pinned round robin to CPUs 0 and 1), psats that expire
+      after a minute (to watch rejoins)
 """
 
 
@@ -45,11 +51,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Run the local simulator (Azure AD, Trusted Application API, UCWA psanon) on loopback "
         "TLS until SIGINT/SIGTERM. When ready it prints one JSON line: discover_url, authority, tenant, "
         "client_id, client_secret, endpoint_id, meeting_url, origin, ca_file, admin_url, pool_url, scope, "
-        "admin_token (send it as X-Admin-Token to admin_url).",
+        "admin_token (send it as X-Admin-Token to admin_url), pool_urls and pids (with --pools N: the front "
+        "door's PID, then each pool's).",
         epilog=EXAMPLES,
     )
     add = p.add_argument
     add("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    add(
+        "--pools",
+        type=int,
+        default=1,
+        metavar="N",
+        help="UCWA pool processes behind one front door process (default 1: one process for everything)",
+    )
+    add(
+        "--pin",
+        default="",
+        metavar="CPU,...",
+        help="pin the processes to these CPUs: the front door to the first, pool i to the (i+1)-th "
+        "(round robin)",
+    )
+    add(
+        "--exit-with-stdin",
+        action="store_true",
+        help="exit when stdin reaches EOF or the parent process dies (for a process that starts it)",
+    )
+    add("--role", choices=("single", "pool"), default="single", help=argparse.SUPPRESS)
+    add("--pool-index", type=int, default=0, help=argparse.SUPPRESS)
+    add("--material", default="", help=argparse.SUPPRESS)
+    add("--main-url", default="", help=argparse.SUPPRESS)
     add("--port", type=int, default=0, help="main listener port (default: ephemeral)")
     add("--pool-port", type=int, default=0, help="pool listener port (default: ephemeral)")
     add("--seed", type=int, default=0, help="seed of every random choice (default 0)")
@@ -170,14 +200,57 @@ def config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
         raise ConfigurationError(f"--{where.removesuffix('_s').replace('_', '-')}: {first['msg']}") from None
 
 
-def run(ns: argparse.Namespace) -> int:
-    config = config_from_args(ns)
-    _set_tls_read_buffer(ns.tls_read_buffer_kb)
+def _cpus(text: str, *, check: bool = True) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
     try:
-        asyncio.run(_serve(config))
+        cpus = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigurationError(f"--pin: expected CPU numbers separated by commas, got {text!r}") from None
+    import os
+
+    allowed = os.sched_getaffinity(0)
+    if check and not set(cpus) <= allowed:
+        raise ConfigurationError(f"--pin: this process may use CPUs {sorted(allowed)} only")
+    return cpus
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.role == "pool":
+        return _run_pool(ns)
+    config = config_from_args(ns)
+    if not 1 <= ns.pools <= 64:
+        raise ConfigurationError("--pools: expected 1..64")
+    cpus = _cpus(ns.pin)
+    _set_tls_read_buffer(ns.tls_read_buffer_kb)
+    if cpus:
+        from anonjoin.simulator._pools import pin_to
+
+        pin_to(cpus[0])
+    try:
+        return asyncio.run(_serve(config, ns, cpus))
     except OSError as exc:
         raise ConfigurationError(f"cannot listen: {exc.strerror or exc}") from None
-    return 0
+
+
+def _run_pool(ns: argparse.Namespace) -> int:
+    """One pool process of a front door (``--role pool``): its configuration comes from the front door."""
+    from pathlib import Path
+
+    from anonjoin.simulator._pools import Material, pin_to
+    from anonjoin.simulator._server import PoolRole
+
+    material = Material(Path(ns.material))
+    config = material.config(ns.pool_index).model_copy(update={"host": ns.host, "pool_port": ns.pool_port})
+    _set_tls_read_buffer(ns.tls_read_buffer_kb)
+    cpus = _cpus(ns.pin, check=False)  # the front door checked them (and may run pinned to another)
+    if cpus:
+        pin_to(cpus[0])
+    role = PoolRole(index=ns.pool_index, main_url=ns.main_url, material=material)
+    try:
+        return asyncio.run(_serve(config, ns, (), role))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot listen: {exc.strerror or exc}") from None
 
 
 def _set_tls_read_buffer(kb: int) -> None:
@@ -195,18 +268,35 @@ def _set_tls_read_buffer(kb: int) -> None:
     asyncio.sslproto.SSLProtocol.max_size = kb * 1024
 
 
-async def _serve(config: SimulatorConfig) -> None:
+async def _serve(
+    config: SimulatorConfig, ns: argparse.Namespace, cpus: tuple[int, ...], role: PoolRole | None = None
+) -> int:
+    import json
+    import os
+
+    from anonjoin.simulator._pools import lifeline
     from anonjoin.simulator._server import Simulator
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Simulator(config) as sim:
+    if ns.exit_with_stdin:
+        lifeline(loop, stop.set)
+    async with Simulator(config, pools=ns.pools if role is None else 1, cpus=cpus, pool=role) as sim:
         _tune_gc()
-        sys.stdout.write(sim.info.model_dump_json() + "\n")
+        if role is None:
+            line = sim.info.model_copy(update={"pids": (os.getpid(), *sim.info.pids)}).model_dump_json()
+        else:
+            line = json.dumps({"pool_url": sim.info.pool_url, "pid": os.getpid()})
+        sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        await stop.wait()
+        stopped, lost = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(sim.wait_lost())
+        await asyncio.wait((stopped, lost), return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stopped, lost):
+            waiter.cancel()
+        await asyncio.gather(stopped, lost, return_exceptions=True)
+    return 1 if lost.done() and not lost.cancelled() else 0  # 1: a pool is gone (the log line says which)
 
 
 def _tune_gc() -> None:

@@ -132,3 +132,8 @@ class SimulatorInfo(BaseModel):
     client_cert_thumbprint: str
     admin_token: str = Field(repr=False)
     """The credential of the admin view: send it as ``X-Admin-Token`` (401 without it, 403 if wrong)."""
+    pool_urls: tuple[str, ...] = ()
+    """Every UCWA pool's base URL (one per pool process with ``--pools N``; ``pool_url`` is the first)."""
+    pids: tuple[int, ...] = ()
+    """The processes of a simulator that runs on its own: the PID of ``anonjoin simulate`` (the front door)
+    first, then its pools'. An in-process ``Simulator`` lists only the pool processes it started."""

@@ -13,8 +13,10 @@ import email.utils
 import itertools
 import random
 import secrets
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -62,10 +64,26 @@ class IssuedTokens:
     """psat tokens as issued (``psat=<JWT>``)."""
 
 
+class Cluster(Protocol):
+    """The front door of a simulator with pool processes (``_pools.FrontDoor``), as ``Core`` sees it."""
+
+    async def new_meeting(self, meeting: Meeting) -> None:
+        """Give ``meeting`` an owning pool and make every pool know it."""
+
+    async def admin(
+        self,
+        request: web.BaseRequest,
+        local: Callable[[Core, web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Answer an admin request for the whole simulator (``local``: the front door's own answer)."""
+
+
 class Core:
     """Everything one simulator knows."""
 
-    def __init__(self, config: SimulatorConfig, profile: FaultProfile) -> None:
+    def __init__(
+        self, config: SimulatorConfig, profile: FaultProfile, *, meetings: Iterable[Meeting] = ()
+    ) -> None:
         self.config = config
         self.clock = config.clock
         self.injector = FaultInjector(profile, config.seed, clock=config.clock)
@@ -74,6 +92,10 @@ class Core:
         self.rng = random.Random(config.seed)
         self.main_base = ""
         self.pool_base = ""
+        self.pool_urls: tuple[str, ...] = ()
+        """With pool processes (``--pools N``): every pool's base URL, by pool index; else empty."""
+        self.cluster: Cluster | None = None
+        """With pool processes, in the front door: the pools (admin view, new meetings)."""
         self.requests: dict[str, dict[str, int]] = {}
         self.guests: dict[str, collections.deque[TimelineEntry]] = {}
         self.admin_token = secrets.token_urlsafe(32)
@@ -92,8 +114,11 @@ class Core:
             schedule=self._guest_schedule,
             ucwa_href=self.ucwa_href,
         )
-        self.default_meeting: Meeting = self.state.create_meeting(
-            lobby=config.lobby, lobby_delay_s=config.lobby_delay_s
+        known = [self.state.add_meeting(m) for m in meetings]
+        self.default_meeting: Meeting = (
+            known[0]
+            if known
+            else self.state.create_meeting(lobby=config.lobby, lobby_delay_s=config.lobby_delay_s)
         )
 
     # -- derived settings ----------------------------------------------------------------------------
@@ -110,6 +135,15 @@ class Core:
     @property
     def ucwa_base(self) -> str:
         return self.pool_base if self.config.ucwa_on_pool else self.main_base
+
+    def guest_base(self, meeting: Meeting | None, asi: str) -> str:
+        """Where a guest's UCWA lives: the pool owning its meeting (by ``asi`` without one) when the
+        simulator has pool processes, else ``ucwa_base``."""
+        pools = self.pool_urls
+        if not pools:
+            return self.ucwa_base
+        index = meeting.owner if meeting is not None else zlib.crc32(asi.encode()) % len(pools)
+        return pools[index % len(pools)]
 
     def ucwa_href(self, path: str) -> str:
         """An href inside UCWA bodies (events, embedded resources): relative unless absolute hrefs are on."""

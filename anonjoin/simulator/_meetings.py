@@ -64,6 +64,24 @@ class Meeting:
     roster: dict[str, str] = field(default_factory=dict)  # asi -> application id
     lobby_queue: dict[str, str] = field(default_factory=dict)  # asi -> application id
     ended: bool = False
+    owner: int = 0
+    """The pool process that holds this meeting's roster, lobby and applications (``--pools N``)."""
+
+    def spec(self) -> dict[str, Any]:
+        """What another process needs to know this meeting (``MeetingState.add_meeting``)."""
+        return {
+            "conference_id": self.conference_id,
+            "conference_uri": self.conference_uri,
+            "meeting_url": self.meeting_url,
+            "organizer": self.organizer,
+            "subject": self.subject,
+            "access_level": self.access_level,
+            "lobby": self.lobby,
+            "lobby_delay_s": self.lobby_delay_s,
+            "created": self.created,
+            "expires": self.expires,
+            "owner": self.owner,
+        }
 
     def info(self) -> dict[str, Any]:
         return {
@@ -171,7 +189,15 @@ class MeetingState:
             created=now,
             expires=now + MEETING_TTL_S,
         )
-        self.meetings[cid] = meeting
+        return self.add_meeting(meeting)
+
+    def add_meeting(self, meeting: Meeting) -> Meeting:
+        """Know ``meeting`` (a new one, or one another process of the simulator created); the one already
+        known under its conference id wins."""
+        known = self.meetings.get(meeting.conference_id)
+        if known is not None:
+            return known
+        self.meetings[meeting.conference_id] = meeting
         self._by_url[_norm_url(meeting.meeting_url)] = meeting
         return meeting
 

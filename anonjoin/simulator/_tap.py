@@ -266,9 +266,10 @@ async def anon_tokens(core: Core, call: Call) -> web.StreamResponse:
         "tid": core.config.tenant_id,
         "appid": claims.get("appid"),
     }
+    guest_base = core.guest_base(meeting, asi)
     if meeting is not None:
         psat_claims["confid"] = meeting.conference_uri
-        psat_claims["ucwaext"] = core.ucwa_base + "/ucwa/psanon/v1"
+        psat_claims["ucwaext"] = guest_base + "/ucwa/psanon/v1"
     jwt_text = core.psat.issue(psat_claims, x5t=True)
     token = "psat=" + jwt_text
     if core.issued is not None:
@@ -283,7 +284,9 @@ async def anon_tokens(core: Core, call: Call) -> web.StreamResponse:
             "expiryTime": WireDate(exp),
             "_links": {
                 "self": w.link(f"{_app_path(core)}/anonApplicationTokens{_q(endpoint)}"),
-                w.rel("discover"): w.abs_link(f"{PS}/discover?{query}={context}", w.main),
+                w.rel("discover"): w.abs_link(
+                    f"{PS}/discover?{query}={context}", guest_base if core.pool_urls else w.main
+                ),
             },
             "rel": w.rel("anonApplicationToken"),
         },
@@ -314,6 +317,8 @@ async def adhoc_meetings(core: Core, call: Call) -> web.StreamResponse:
         lobby_delay_s=core.config.lobby_delay_s,
         access_level=level,
     )
+    if core.cluster is not None:
+        await core.cluster.new_meeting(meeting)
     w, base = call.wire, f"{_app_path(core)}/adhocMeetings"
     return w.json(
         {

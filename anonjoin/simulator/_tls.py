@@ -18,7 +18,15 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-__all__ = ["ClientIdentity", "ca_pem", "client_identity", "server_ssl_context", "write_ca"]
+__all__ = [
+    "ClientIdentity",
+    "ca_pem",
+    "client_identity",
+    "install_server_identity",
+    "server_identity_pems",
+    "server_ssl_context",
+    "write_ca",
+]
 
 SERVER_NAMES = ("127.0.0.1", "localhost")
 
@@ -39,12 +47,31 @@ def ca_pem() -> bytes:
     return data
 
 
-@functools.cache
+_CONTEXTS: list[ssl.SSLContext] = []
+
+
 def server_ssl_context() -> ssl.SSLContext:
     """The server-side TLS context (shared by every simulator of the process)."""
+    if not _CONTEXTS:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        _server_cert().configure_cert(ctx)
+        _CONTEXTS.append(ctx)
+    return _CONTEXTS[0]
+
+
+def server_identity_pems() -> tuple[bytes, bytes]:
+    """The server certificate chain and its private key, as PEM (for a front door's pool processes)."""
+    leaf = _server_cert()
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    return chain, leaf.private_key_pem.bytes()
+
+
+def install_server_identity(chain_file: Path, key_file: Path) -> None:
+    """Serve with this certificate (``server_identity_pems`` of the front door, written to files): every
+    process of one simulator presents a certificate of the same CA."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    _server_cert().configure_cert(ctx)
-    return ctx
+    ctx.load_cert_chain(chain_file, key_file)
+    _CONTEXTS[:] = [ctx]
 
 
 def write_ca(directory: Path) -> Path:

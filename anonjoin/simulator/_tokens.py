@@ -17,7 +17,6 @@ Rules:
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -28,7 +27,15 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-__all__ = ["InvalidTokenError", "SigningKey", "TokenVerifier", "aad_key", "psat_key"]
+__all__ = [
+    "InvalidTokenError",
+    "SigningKey",
+    "TokenVerifier",
+    "aad_key",
+    "install_keys",
+    "key_pems",
+    "psat_key",
+]
 
 LEEWAY_S = 5.0
 CACHE_CAP = 200_000
@@ -73,7 +80,10 @@ class SigningKey:
 
 
 def _make_key(name: str) -> SigningKey:
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return _key_of(name, rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+def _key_of(name: str, private: rsa.RSAPrivateKey) -> SigningKey:
     public = private.public_key()
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     digest = hashlib.sha1(der).digest()
@@ -81,16 +91,44 @@ def _make_key(name: str) -> SigningKey:
     return SigningKey(private=private, public=public, kid=f"{name}-{x5t[:8]}", x5t=x5t)
 
 
-@functools.cache
+_KEYS: dict[str, SigningKey] = {}
+
+
+def _key(name: str) -> SigningKey:
+    key = _KEYS.get(name)
+    if key is None:
+        key = _KEYS[name] = _make_key(name)
+    return key
+
+
 def aad_key() -> SigningKey:
     """The process-wide key that signs AAD access tokens."""
-    return _make_key("aad")
+    return _key("aad")
 
 
-@functools.cache
 def psat_key() -> SigningKey:
     """The process-wide key that signs psat tokens."""
-    return _make_key("psat")
+    return _key("psat")
+
+
+def key_pems() -> dict[str, bytes]:
+    """The process-wide private keys as PEM, by role (a front door hands them to its pool processes)."""
+    return {
+        name: key().private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        for name, key in (("aad", aad_key), ("psat", psat_key))
+    }
+
+
+def install_keys(pems: Mapping[str, bytes]) -> None:
+    """Use these keys (``key_pems`` of another process) as this process's keys: a pool process verifies
+    the tokens its front door signed."""
+    for name, pem in pems.items():
+        private = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise ValueError(f"the {name} key is not an RSA key")
+        _KEYS[name] = _key_of(name, private)
 
 
 class TokenVerifier:

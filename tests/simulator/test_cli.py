@@ -55,7 +55,8 @@ async def test_simulate_prints_one_json_line_serves_and_exits_on_sigterm(tmp_pat
     "args",
     [("--lobby", "sometimes"), ("--faults", "/nonexistent/profile.json"), ("--faults", "hurricane"),
      ("--psat-ttl", "-5"), ("--port", "99999"), ("--token-status", "204"),
-     ("--redirect", "applications,nowhere"), ("--tls-read-buffer-kb", "2")],
+     ("--redirect", "applications,nowhere"), ("--tls-read-buffer-kb", "2"), ("--pools", "0"),
+     ("--pools", "many"), ("--pin", "0,x"), ("--pin", "4096")],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     try:
