@@ -1,7 +1,8 @@
 """``anonjoin load``, ``anonjoin rejoin`` and ``anonjoin sessions``: the many-guest side of the CLI.
 
 ``anonjoin load`` with no target (no target flag, no ``ANONJOIN_*`` target variable, no target in
-``--config``) starts the embedded simulator (with ``--faults``) and loads it; with a target it loads that
+``--config``) starts the embedded simulator (with ``--faults``; in its own process when more than one core
+is usable, stopped at the end whatever ends the client) and loads it; with a target it loads that
 deployment (more than 50 guests against a host that is not loopback needs ``--i-own-this-service``). It
 shows live progress, writes ``anonjoin-report.json`` and ``anonjoin-report.html`` (or ``--report`` /
 ``--html``), and exits 0; 99 when ``--fail-if`` is breached (the run worked, a threshold did not: k6's
