@@ -359,5 +359,8 @@ async def run_sharded(
     if not got:
         raise AnonJoinError(f"no shard of the run came back ({engine.lost_reason})")
     merged = merge_results(got, shards=shards, missing_reason=engine.lost_reason)
+    for i, rec in enumerate(merged.guests):  # a lost shard's guests keep the ids the parent gave them
+        if not rec.application_session_id and rec.guest_id in ids:
+            merged.guests[i] = dataclasses.replace(rec, application_session_id=ids[rec.guest_id])
     await save_outcomes(store, merged)
     return merged
