@@ -243,8 +243,8 @@ class ShardProgress:
         total: dict[str, Any] = {}
         for field in dataclasses.fields(Snapshot):
             name = field.name
-            if name == "elapsed_s":
-                total[name] = max([s.elapsed_s for s in snaps], default=self._clock() - self._t0)
+            if name == "elapsed_s":  # since the parent began (never backwards while shards start)
+                total[name] = max([self._clock() - self._t0, *(s.elapsed_s for s in snaps)])
             elif name == "guests":
                 total[name] = self.guests
             else:

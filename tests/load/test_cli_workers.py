@@ -200,6 +200,22 @@ def test_a_killed_worker_is_a_lost_range_and_the_rest_merge(tmp_path: Path) -> N
     assert "warning: no result from shard 0/2 (worker lost)" in out
 
 
+def test_a_lost_worker_fails_the_run_that_ends_on_its_own(tmp_path: Path) -> None:
+    argv = ["load", "--workers", "2", "--guests", "20", "--rate", "40", "--hold", "5", "--progress",
+            "plain", "--progress-interval", "0.2", "--store", ":memory:", "--no-html", "-v"]  # fmt: skip
+    with running(tmp_path, argv) as run:
+        run.wait_for("anonjoin.workers.started")
+        run.wait_for("joined 20/20")  # every guest holds for 5 s: shard 1 is still running
+        os.kill(run.workers[1], signal.SIGKILL)
+        code, _out, err = run.finish()
+    assert code == 1, err[-3000:]
+    assert "shard 1/2 lost (worker lost)" in err
+    report = report_of(tmp_path / "anonjoin-report.json")
+    assert report["interrupted"] is False
+    assert (report["joined"], report["cancelled"]) == (10, 10)
+    assert report["shards"]["missing"] == [1]
+
+
 def test_no_worker_outlives_a_killed_parent(tmp_path: Path) -> None:
     argv = ["load", "--workers", "2", "--guests", "10", "--store", ":memory:", "-v", *HELD]
     with running(tmp_path, argv) as run:
