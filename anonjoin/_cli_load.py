@@ -9,6 +9,11 @@ code); 1 when no guest joined or the run failed; 2 for a bad flag or setting;
 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP (128 + the signal; in each case arrivals stop, joined guests
 leave and the report is still written).
 
+``--workers N`` (``auto``: the usable cores) runs the plan in N worker processes, one shard each
+(:mod:`anonjoin._workers`); the parent prepares, stores, shows the summed progress and merges.
+``--shard K/S --start-at T --report FILE`` runs one shard against a target and writes its shard result for
+``anonjoin merge`` (a Kubernetes Indexed Job, a CI matrix).
+
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
 ``anonjoin rejoin --guest ID`` brings a guest back with the same id after a restart, and

@@ -28,7 +28,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
@@ -135,7 +135,8 @@ class ProcessEngine:
                     name=f"anonjoin-worker-{k}",
                     daemon=True,
                 )
-                process.start()
+                with _stop_signals_ignored():
+                    process.start()
                 child_end.close()  # the worker holds the only other end: its death is our end of file
                 worker = _Worker(k, process, parent_end)
                 self._workers.append(worker)
@@ -294,6 +295,24 @@ class ProcessEngine:
                 worker.process.close()
 
 
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """Start a worker with the stop signals ignored (an ignored signal stays ignored across exec): a
+    Ctrl-C at the terminal reaches the whole process group, and a worker still importing must not die of
+    it (it would be a lost shard). The worker's event loop handles them once it runs. Main thread only."""
+    saved: list[tuple[signal.Signals, Any]] = []
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            saved.append((sig, signal.signal(sig, signal.SIG_IGN)))
+    except ValueError:  # not the main thread: signals are not ours to change
+        pass
+    try:
+        yield
+    finally:
+        for sig, before in saved:
+            signal.signal(sig, before)
+
+
 async def _exited(loop: asyncio.AbstractEventLoop, process: Any, within_s: float) -> bool:
     """Wait (without blocking the loop) for ``process`` to exit; True if it did within ``within_s``."""
     if process.exitcode is not None:
@@ -319,7 +338,8 @@ async def _exited(loop: asyncio.AbstractEventLoop, process: Any, within_s: float
 
 def worker_main(conn: Connection, progress_interval_s: float) -> None:
     """A worker process's entry (spawn): take one job, run it in a fresh event loop, send the result."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop handles it: the parent relays a Ctrl-C
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # until the loop handles them
+        signal.signal(sig, signal.SIG_IGN)
     try:
         conn.send(("ready", os.getpid()))
         msg = conn.recv()

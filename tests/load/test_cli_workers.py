@@ -38,13 +38,14 @@ BOUND_S = 240.0
 class Run:
     """A subprocess of ``python -m anonjoin``, killed after :data:`BOUND_S`, with its stderr read."""
 
-    def __init__(self, cwd: Path, argv: list[str]) -> None:
+    def __init__(self, cwd: Path, argv: list[str], *, new_session: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "anonjoin", *argv],
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=new_session,  # its own process group, as a terminal's job
         )
         self.seen: list[str] = []
         self.workers: list[int] = []
@@ -81,8 +82,8 @@ class Run:
 
 
 @contextlib.contextmanager
-def running(cwd: Path, argv: list[str]) -> Iterator[Run]:
-    run = Run(cwd, argv)
+def running(cwd: Path, argv: list[str], *, new_session: bool = False) -> Iterator[Run]:
+    run = Run(cwd, argv, new_session=new_session)
     try:
         yield run
     finally:
@@ -171,6 +172,20 @@ def test_sigterm_stops_every_worker_guests_leave_and_every_guest_is_accounted(tm
     assert report["service_check"]["live_applications_at_end"] == 0  # every guest left
     assert report["service_check"]["ok"] is True
     assert "40 guests: 40 joined" in out
+
+
+def test_ctrl_c_at_the_terminal_reaches_every_process_and_loses_no_shard(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C is a SIGINT to the whole process group: parent and workers alike."""
+    argv = ["load", "--workers", "2", "--guests", "20", "--store", ":memory:", *HELD]
+    with running(tmp_path, argv, new_session=True) as run:
+        run.wait_for("joined 20/20")
+        os.killpg(run.proc.pid, signal.SIGINT)
+        code, _out, err = run.finish()
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    report = report_of(tmp_path / "anonjoin-report.json")
+    assert report["shards"]["missing"] == [] and report["joined"] == 20
+    assert report["service_check"]["live_applications_at_end"] == 0
 
 
 def test_a_killed_worker_is_a_lost_range_and_the_rest_merge(tmp_path: Path) -> None:
