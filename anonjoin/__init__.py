@@ -47,10 +47,20 @@ if TYPE_CHECKING:
         LoadResult,
         LoadRunner,
         RateFunction,
+        Shard,
         Steps,
         run_load,
     )
     from anonjoin._settings import TargetSettings
+    from anonjoin._sharded import (
+        InProcessEngine,
+        ShardEngine,
+        ShardJob,
+        ShardProgress,
+        run_shard_job,
+        run_sharded,
+    )
+    from anonjoin._shards import MergedRun, ShardResult, merge_results, read_shard_result
     from anonjoin._store import (
         Lease,
         MemorySessionStore,
@@ -60,6 +70,7 @@ if TYPE_CHECKING:
         SqliteSessionStore,
     )
     from anonjoin._store_redis import RedisSessionStore
+    from anonjoin._workers import ProcessEngine
 
 
 # A library stays silent unless the application configures logging.
@@ -88,6 +99,7 @@ __all__ = [
     "GuestRecord",
     "GuestState",
     "Hooks",
+    "InProcessEngine",
     "InsecureTarget",
     "JoinFailed",
     "JoinResult",
@@ -100,8 +112,10 @@ __all__ = [
     "LoadRunner",
     "MaybeSentError",
     "MemorySessionStore",
+    "MergedRun",
     "Metrics",
     "MetricsCollector",
+    "ProcessEngine",
     "ProtocolError",
     "RateFunction",
     "RedisSessionStore",
@@ -112,6 +126,11 @@ __all__ = [
     "SessionRecord",
     "SessionScope",
     "SessionStore",
+    "Shard",
+    "ShardEngine",
+    "ShardJob",
+    "ShardProgress",
+    "ShardResult",
     "SqliteSessionStore",
     "Step",
     "StepEvent",
@@ -121,7 +140,11 @@ __all__ = [
     "TransportError",
     "__version__",
     "build_report",
+    "merge_results",
+    "read_shard_result",
     "run_load",
+    "run_shard_job",
+    "run_sharded",
     "serve_metrics",
     "write_report",
 ]
@@ -146,6 +169,7 @@ _LAZY: dict[str, str] = {
     "GuestRecord": "anonjoin._report",
     "GuestState": "anonjoin._protocol",
     "Hooks": "anonjoin._events",
+    "InProcessEngine": "anonjoin._sharded",
     "JoinResult": "anonjoin._models",
     "Lease": "anonjoin._store",
     "LinearRamp": "anonjoin._runner",
@@ -153,8 +177,10 @@ _LAZY: dict[str, str] = {
     "LoadResult": "anonjoin._runner",
     "LoadRunner": "anonjoin._runner",
     "MemorySessionStore": "anonjoin._store",
+    "MergedRun": "anonjoin._shards",
     "Metrics": "anonjoin._metrics",
     "MetricsCollector": "anonjoin._prometheus",
+    "ProcessEngine": "anonjoin._workers",
     "RateFunction": "anonjoin._runner",
     "RedisSessionStore": "anonjoin._store_redis",
     "RejoinPolicy": "anonjoin._retry",
@@ -162,6 +188,11 @@ _LAZY: dict[str, str] = {
     "SessionRecord": "anonjoin._store",
     "SessionScope": "anonjoin._store",
     "SessionStore": "anonjoin._store",
+    "Shard": "anonjoin._runner",
+    "ShardEngine": "anonjoin._sharded",
+    "ShardJob": "anonjoin._sharded",
+    "ShardProgress": "anonjoin._sharded",
+    "ShardResult": "anonjoin._shards",
     "SqliteSessionStore": "anonjoin._store",
     "Step": "anonjoin._events",
     "StepEvent": "anonjoin._events",
@@ -171,6 +202,10 @@ _LAZY: dict[str, str] = {
     "run_load": "anonjoin._runner",
     "serve_metrics": "anonjoin._prometheus",
     "write_report": "anonjoin._report_formats",
+    "merge_results": "anonjoin._shards",
+    "read_shard_result": "anonjoin._shards",
+    "run_shard_job": "anonjoin._sharded",
+    "run_sharded": "anonjoin._sharded",
 }
 
 

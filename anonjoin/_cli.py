@@ -52,6 +52,7 @@ def _registrations() -> list[Callable[[argparse._SubParsersAction[argparse.Argum
         "anonjoin._cli_join",
         "anonjoin._cli_load",
         "anonjoin._cli_doctor",
+        "anonjoin._cli_merge",
     ):
         try:
             module = importlib.import_module(name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Literal, TextIO
+from typing import Literal, Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
@@ -26,6 +26,15 @@ from anonjoin._metrics import Metrics
 from anonjoin._metrics import Progress as Snapshot
 
 __all__ = ["ProgressDisplay", "ProgressMode", "bar_text", "clock_text", "format_line", "pick_mode"]
+
+
+class ProgressSource(Protocol):
+    """What the display reads: a :class:`Metrics`, or the summed view of a sharded run's workers."""
+
+    guests: int
+
+    def progress(self) -> Snapshot: ...
+
 
 ProgressMode = Literal["auto", "bar", "plain", "off"]
 BAR_REFRESH_S = 0.25
@@ -83,7 +92,7 @@ class ProgressDisplay:
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: Metrics | ProgressSource,
         *,
         stream: TextIO | None = None,
         mode: ProgressMode = "auto",
@@ -133,7 +142,7 @@ class ProgressDisplay:
                 "load",
                 total=max(self._metrics.guests, 1),
                 text="",
-                phase=self._metrics.phase(),
+                phase=self._metrics.progress().phase,
                 clock=clock_text(0),
             )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="anonjoin-progress")

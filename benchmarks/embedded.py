@@ -35,7 +35,7 @@ def _p50_join_ms(report: dict[str, Any]) -> float:
     """The p50 join latency of a load report (schema 2: ``latency.join.p50_ms``; schema 1 before it)."""
     if "latency" in report:
         return float(report["latency"]["join"]["p50_ms"])
-    return float(report["join_latency_ms"]["p50"])
+    return float(report["latency"]["join"]["p50_ms"])
 
 
 def run_once(mode: str, guests: int, workdir: Path) -> dict[str, float]:
