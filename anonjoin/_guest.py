@@ -96,15 +96,10 @@ class GuestContext:
     on_close: Callable[[Guest], None]
 
 
-class _Timer(Exception):
-    """Internal: a poll wait ran out because a timer (lobby, deadline, expiry) is due."""
-
-
 class _EventIterator:
-    __slots__ = ("_guest", "_queue")
+    __slots__ = ("_queue",)
 
-    def __init__(self, guest: Guest, queue: asyncio.Queue[Event | None]) -> None:
-        self._guest = guest
+    def __init__(self, queue: asyncio.Queue[Event | None]) -> None:
         self._queue = queue
 
     def __aiter__(self) -> _EventIterator:
@@ -214,7 +209,7 @@ class Guest:
             queue.put_nowait(None)
         else:
             self._subs.append(queue)
-        return _EventIterator(self, queue)
+        return _EventIterator(queue)
 
     async def wait_closed(self) -> GuestOutcome:
         """Wait until the guest has left, its meeting ended, or it failed for good."""
@@ -352,7 +347,9 @@ class Guest:
         own = getattr(exc, "step", None)  # the step that really failed (minting runs discover & co.)
         if isinstance(own, str) and own in _STEPS:
             step = own  # type: ignore[assignment]
-        d: Decision = classify(step, exc)
+        # the failure reaches the guest after the service application refetched its capabilities; a meeting
+        # this guest was in and no longer found has ended (while the guest was rejoining)
+        d: Decision = classify(step, exc, refetched=True, meeting_ended=self._ever_joined)
         reason = d.reason
         log_event(
             log,
@@ -364,10 +361,7 @@ class Guest:
             reason=reason,
             error=type(exc).__name__,
         )
-        if d.action is Action.ENDED or (
-            self._ever_joined and reason == "DestinationNotFound" and (m.state, Input.ENDED) in TRANSITIONS
-        ):
-            # a meeting this guest was in is no longer found: it ended while the guest was rejoining
+        if d.action is Action.ENDED:
             m.handle(Input.ENDED, "Ended")
             return
         if d.action is Action.STOP_POLLER and (m.state, Input.REPLACED) in TRANSITIONS:

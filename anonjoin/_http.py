@@ -296,10 +296,13 @@ class HttpClient:
                         step=step,
                         url=target,
                         final=True,
+                        cause=f"TLS certificate of {_authority(target)} not trusted: check --ca-file",
                     ) from exc
                 except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
+                    cause = _connect_cause(exc, target)
+                    detail = f"{type(exc).__name__}: {exc.os_error or exc}"
                     raise RequestNotSentError(
-                        f"{type(exc).__name__}: {exc.os_error or exc}", step=step, url=target
+                        f"{cause} ({detail})" if cause else detail, step=step, url=target, cause=cause
                     ) from exc
                 except aiohttp.ConnectionTimeoutError as exc:
                     raise RequestNotSentError("connect timeout", step=step, url=target) from exc
@@ -321,7 +324,10 @@ class HttpClient:
                 except aiohttp.ClientError as exc:
                     raise MaybeSentError(f"{type(exc).__name__}", step=step, url=target) from exc
                 except ssl.SSLError as exc:
-                    raise RequestNotSentError(f"TLS: {exc.reason}", step=step, url=target) from exc
+                    cause = _tls_cause(target)
+                    raise RequestNotSentError(
+                        f"{cause} (TLS: {exc.reason})", step=step, url=target, cause=cause
+                    ) from exc
             raise ProtocolError("more than one redirect", step=step, status=307)
         finally:
             if slots is not None:
@@ -362,6 +368,28 @@ def _correlation(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def _authority(url: URL) -> str:
+    return f"{url.host}:{url.port}" if url.port is not None else str(url.host)
+
+
+def _tls_cause(url: URL) -> str:
+    return (
+        f"TLS handshake with {_authority(url)} failed: does that port speak TLS (https)? "
+        "check the URL's scheme and port, and --ca-file"
+    )
+
+
+def _connect_cause(exc: aiohttp.ClientConnectorError, url: URL) -> str | None:
+    """What failed and what to do, for a connection that could not be made for a known reason."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {url.host!r}: check the URL's host name"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return _tls_cause(url)
+    if isinstance(exc.os_error, ConnectionRefusedError):
+        return f"connection refused by {_authority(url)}: is the service running there? check the URL's port"
+    return None
+
+
 def _redirect_target(current: URL, location: str, step: Step) -> URL:
     try:
         target = current.join(URL(location))
@@ -378,6 +406,8 @@ def _insecure(step: Step, target: URL, hop: int) -> InsecureTarget:
     what = "a redirect" if hop else "a request"
     if target.scheme != "https":
         why = f"refusing to send a token over {target.scheme or 'a non-https URL'}"
+        if target.scheme == "http" and not hop:
+            why += f": use {redact_url(target.with_scheme('https'))}"
     else:
         why = f"refusing to send a token to {target.host!r}, not a host of the service"
     return InsecureTarget(f"{why} ({what})", step=step, status=307 if hop else None)

@@ -22,7 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_never
 from anonjoin import _constants as C
 from anonjoin._events import Observer, Step, StepEvent, log_event
 from anonjoin._exceptions import ConfigurationError, ServiceError
-from anonjoin._protocol import THROTTLE_STATUSES, Action, Decision, classify, invalid_token
+from anonjoin._protocol import THROTTLE_STATUSES, Action, classify
 
 log = logging.getLogger("anonjoin.client")
 T = TypeVar("T")
@@ -176,13 +176,13 @@ class _StepRun:
         "attempts",
         "clock",
         "deadline",
-        "decide",
         "guest_id",
         "holdoff",
         "last",
         "next_wait",
         "observer",
         "per_request",
+        "preflight",
         "refresh_next",
         "refreshes",
         "report",
@@ -200,7 +200,7 @@ class _StepRun:
         deadline_at: float | None,
         stats: StepStats | None,
         timeout_s: float | None,
-        decide: Callable[[Step, BaseException], Decision],
+        preflight: bool,
         attempts: int | None = None,
     ) -> None:
         policy = runner.policy
@@ -211,7 +211,7 @@ class _StepRun:
         self.step = step
         self.guest_id = guest_id
         self.stats = stats
-        self.decide = decide
+        self.preflight = preflight
         self.per_request = timeout_s if timeout_s is not None else policy.request_timeout_s
         # A step whose one request may legitimately last longer than usual (the long poll, held by the
         # server for up to its timeout) gets that time on top of the step's budget for retries; otherwise
@@ -273,7 +273,9 @@ class _StepRun:
         if self.stats is not None:
             self.stats.add(self.step, took)
         self.last = exc
-        self.retry = self.runner._decide(self.step, exc, att.number, self.deadline, self, self.decide)
+        if att.status is not None:  # the service answered (a redirect, an error status): no preflight now
+            self.preflight = False
+        self.retry = self.runner._decide(self.step, exc, att.number, self.deadline, self)
         is_service = isinstance(exc, ServiceError)
         self.observer.step(
             StepEvent(
@@ -331,16 +333,17 @@ class StepRunner:
         deadline_at: float | None = None,
         stats: StepStats | None = None,
         timeout_s: float | None = None,
-        decide: Callable[[Step, BaseException], Decision] = classify,
         attempts: int | None = None,
         holdoff: dict[str, float] | None = None,
+        preflight: bool = False,
     ) -> T:
         """Run ``attempt_fn`` until it succeeds, the failure is not retryable, or a bound is hit.
 
         ``holdoff`` (one per guest): step -> the instant before which this guest sends no request of that
         step, because the service gave it a Retry-After (whichever request of the guest it was).
+        ``preflight``: the service has not answered yet (see :func:`classify`'s ``answered``).
         """
-        r = _StepRun(self, step, guest_id, deadline_at, stats, timeout_s, decide, attempts)
+        r = _StepRun(self, step, guest_id, deadline_at, stats, timeout_s, preflight, attempts)
         r.holdoff = holdoff
         if holdoff:
             await r.hold()
@@ -372,16 +375,11 @@ class StepRunner:
                 return await r.again(attempt.retry_state.attempt_number + 1, attempt_fn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _decide(
-        self,
-        step: Step,
-        exc: BaseException,
-        number: int,
-        deadline: float,
-        loop: _StepRun,
-        decide: Callable[[Step, BaseException], Decision],
-    ) -> bool:
-        d = decide(step, exc)
+    def _decide(self, step: Step, exc: BaseException, number: int, deadline: float, loop: _StepRun) -> bool:
+        """Whether to repeat the step: :func:`classify` says what the failure calls for; this applies the
+        attempt cap, the backoff (at least the Retry-After) and the deadline."""
+        refreshed = loop.refreshes >= C.AUTH_REFRESHES_PER_STEP
+        d = classify(step, exc, answered=not loop.preflight, refreshed=refreshed)
         policy, clock = self.policy, self.clock
         if loop.holdoff is not None and isinstance(exc, ServiceError) and exc.retry_after is not None:
             # whatever happens next (a retry, a rejoin, a DELETE), this guest honours the Retry-After
@@ -390,16 +388,10 @@ class StepRunner:
                 loop.holdoff[step] = until
         action = d.action
         if action is Action.REFRESH_AUTH:
-            if loop.refreshes < C.AUTH_REFRESHES_PER_STEP:
-                loop.refreshes += 1
-                loop.refresh_next = True
-                loop.next_wait = 0.0
-                return clock.monotonic() < deadline and number < loop.attempts
-            # Refreshed already. A 403 InvalidToken is known to hit valid tokens too, briefly (protocol.md
-            # §4.2): back off and try again with the fresh token; a 401 after a refresh is final.
-            if not invalid_token(exc):
-                return False
-            action = Action.RETRY
+            loop.refreshes += 1
+            loop.refresh_next = True
+            loop.next_wait = 0.0
+            return clock.monotonic() < deadline and number < loop.attempts
         if action is not Action.RETRY or number >= loop.attempts:
             return False
         wait = policy.backoff(number, clock.rng)

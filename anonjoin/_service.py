@@ -1,4 +1,9 @@
-"""The service application (SA): discover -> applications -> capabilities (shared), grants, adhoc meetings."""
+"""The service application (SA): discover -> applications -> capabilities (shared), grants, adhoc meetings.
+
+The Client's first discover is its preflight: until the service has answered once, a connection that cannot
+be made for a known reason (refused, DNS, a port without TLS) is final at once, with its cause, for every
+caller of this Client (:func:`anonjoin._protocol.classify` with ``answered=False``).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,10 @@ from anonjoin._exceptions import (
     AuthError,
     CapabilityNotAvailable,
     ConfigurationError,
+    ProtocolError,
     RequestNotSentError,
     ServiceError,
+    TransportError,
 )
 from anonjoin._http import HttpClient, Response, parse_http_date
 from anonjoin._models import (
@@ -39,13 +46,10 @@ from anonjoin._models import (
     require_link,
     resolve,
 )
+from anonjoin._protocol import Action, classify
 from anonjoin._retry import Attempt, Clock, StepRunner, StepStats
 
 log = logging.getLogger("anonjoin.client")
-
-
-_NOT_STALE = frozenset({"ApplicationNotFound", "DestinationNotFound"})
-"""404 subcodes that say something about the request, not about a stale capabilities link."""
 
 
 class AccessTokenLike(Protocol):
@@ -102,6 +106,8 @@ class ServiceApp:
         self._fetch_task: asyncio.Task[Capabilities] | None = None
         self._waiters = 0
         self._token: Any = None
+        self._answered = False  # the service has answered an SA request (retries are for such a service)
+        self._unreachable: TransportError | None = None  # the preflight's failure, if it failed
 
     # --- AAD ---------------------------------------------------------------------------------------
 
@@ -143,10 +149,22 @@ class ServiceApp:
 
         async def attempt(att: Attempt) -> Response:
             headers = await self._auth(att)
-            return await self._http.request(step, method, url, att, headers=headers, body=data)
+            try:
+                r = await self._http.request(step, method, url, att, headers=headers, body=data)
+            except ServiceError:
+                self._answered = True
+                raise
+            self._answered = True
+            return r
 
         return self._runner.run(
-            step, attempt, guest_id=guest_id, stats=stats, deadline_at=deadline_at, holdoff=holdoff
+            step,
+            attempt,
+            guest_id=guest_id,
+            stats=stats,
+            deadline_at=deadline_at,
+            holdoff=holdoff,
+            preflight=not self._answered,
         )
 
     # --- capabilities (single flight, shared) --------------------------------------------------------
@@ -158,6 +176,8 @@ class ServiceApp:
         caps = self._caps
         if caps is not None and self._clock.monotonic() - caps.fetched_at < C.CAPABILITIES_TTL_S:
             return caps
+        if self._unreachable is not None:  # the preflight failed: every caller gets its cause at once
+            raise self._unreachable.with_traceback(None)
         if self._inflight is None or self._inflight.done():
             fut: asyncio.Future[Capabilities] = asyncio.get_running_loop().create_future()
             self._inflight = fut
@@ -200,7 +220,18 @@ class ServiceApp:
             self._waiters -= 1
 
     async def _fetch(self, deadline_at: float | None) -> Capabilities:
-        r = await self._sa("discover", "GET", self._discover_url, deadline_at=deadline_at)
+        preflight = not self._answered
+        try:
+            r = await self._sa("discover", "GET", self._discover_url, deadline_at=deadline_at)
+        except TransportError as exc:
+            # The first discover of this Client is its preflight: a service that never answered and cannot
+            # be connected to for a known reason (refused, DNS, no TLS) is not retried, by this caller nor
+            # any later one (a new Client tries again).
+            if preflight and classify("discover", exc, answered=False).action is Action.FINAL:
+                exc.final = True
+                self._unreachable = exc
+                log_event(log, logging.WARNING, "anonjoin.preflight.failed", cause=exc.cause)
+            raise
         d = parse_body(_Resource, r.body, step="discover", status=r.status, correlation_id=r.correlation_id)
         apps = require_link(
             d.links, r.url, "applications", "myApplications", step="discover", status=r.status
@@ -275,7 +306,7 @@ class ServiceApp:
                     holdoff=holdoff,
                 )
             except ServiceError as exc:
-                if exc.status == 404 and exc.subcode not in _NOT_STALE and not refetch:
+                if classify("anon_tokens", exc, refetched=refetch).action is Action.REFETCH:
                     self.invalidate()  # a stale link: refetch capabilities once
                     continue
                 raise
@@ -314,7 +345,7 @@ class ServiceApp:
             try:
                 r = await self._sa("adhoc_meetings", "POST", url, body=body)
             except ServiceError as exc:
-                if exc.status == 404 and not refetch:
+                if classify("adhoc_meetings", exc, refetched=refetch).action is Action.REFETCH:
                     self.invalidate()
                     continue
                 raise
@@ -322,8 +353,6 @@ class ServiceApp:
                 MeetingBody, r.body, step="adhoc_meetings", status=r.status, correlation_id=r.correlation_id
             )
             if not m.join_url:
-                from anonjoin._exceptions import ProtocolError
-
                 raise ProtocolError("meeting without joinUrl", step="adhoc_meetings", status=r.status)
             resolve(r.url, m.join_url, step="adhoc_meetings")
             return AdhocMeeting(
