@@ -188,7 +188,7 @@ async def test_clock_skew_alone_does_not_renew() -> None:
     async with hostile(bad) as h, client_for(h, rejoin=RejoinPolicy(), clock=clock) as client:
         g = await join(client)
         assert h.count["anon_tokens"] == 1
-        due = g._rejoin_due
+        due = g._c.rejoin_due
         assert due is not None and due - clock.monotonic() > 3000
         await g.leave()
 
