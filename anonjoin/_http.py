@@ -23,7 +23,6 @@ import asyncio
 import email.utils
 import logging
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,8 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from anonjoin import _constants as C
+from anonjoin._core.trust import TrustedHosts
+from anonjoin._core.wire import service_error
 from anonjoin._events import Step, log_event
 from anonjoin._exceptions import (
     ConfigurationError,
@@ -44,14 +45,10 @@ from anonjoin._exceptions import (
     ServiceError,
     redact_url,
 )
-from anonjoin._models import parse_error_body
 from anonjoin._retry import Attempt
 from anonjoin._tls import LeanTLSConnector
 
 log = logging.getLogger("anonjoin.http")
-
-_HREF_HOST = re.compile(rb'"href"\s*:\s*"https://([^"/?#\\\\]+)')
-"""The authority of an absolute https href in a JSON body (relative hrefs stay on the answering host)."""
 
 _CORRELATION = ("X-MS-Correlation-Id", "X-Ms-Correlation-Id", "ms-cv", "x-ms-request-id")
 
@@ -143,29 +140,15 @@ class HttpClient:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._closed = False
-        self._trusted: set[str] = set()
+        self._trusted = TrustedHosts()
 
     def trust(self, url: URL) -> None:
         """Make ``url``'s host one a token may be sent to (over https only): the discover URL's host."""
-        if url.host:
-            self._trusted.add(url.host.lower())
+        self._trusted.trust(url)
 
     def trusted(self, url: URL) -> bool:
         """Whether a request carrying a token may go to ``url`` (https, and a host of the service)."""
-        return url.scheme == "https" and url.host is not None and url.host.lower() in self._trusted
-
-    def _learn(self, url: URL, body: bytes) -> None:
-        """A 2xx answer over https from a trusted host: the hosts its absolute https hrefs name are the
-        service's too."""
-        if b"https://" not in body or not self.trusted(url):
-            return
-        for m in _HREF_HOST.finditer(body):
-            try:
-                host = URL(f"https://{m.group(1).decode('ascii', 'replace')}").host
-            except (ValueError, TypeError):
-                continue  # unusable: whatever it names stays untrusted
-            if host:
-                self._trusted.add(host.lower())
+        return self._trusted.trusted(url)
 
     def session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -280,7 +263,7 @@ class HttpClient:
                             continue
                         data = await self._read(resp, step, corr)
                         if 200 <= status < 300:
-                            self._learn(target, data)
+                            self._trusted.learn(target, data)
                             return Response(status, resp.url, resp.headers, data, crid, corr)
                         if quiet is not None and quiet():
                             return Response(status, resp.url, resp.headers, data, crid, corr)
@@ -416,29 +399,5 @@ def _insecure(step: Step, target: URL, hop: int) -> InsecureTarget:
 def _service_error(
     step: Step, status: int, headers: Mapping[str, str], body: bytes, url: URL, crid: str, corr: str | None
 ) -> ServiceError:
-    err = parse_error_body(body)
-    code = err.code if err else None
-    subcode = err.subcode if err else None
-    warning = headers.get("Warning")
-    diag = headers.get("X-Ms-diagnostics")
-    if (
-        subcode is None
-        and status == 403
-        and ((warning and "InvalidToken" in warning) or (diag and diag.lstrip().startswith("28055")))
-    ):
-        subcode = "InvalidToken"
-    if code is None:
-        code = C.ERROR_CODES.get(status)
-    return ServiceError(
-        step=step,
-        status=status,
-        code=code,
-        subcode=subcode,
-        message=err.message if err else None,
-        correlation_id=corr,
-        client_request_id=crid,
-        retry_after=parse_retry_after(headers.get("Retry-After")),
-        body=body,
-        url=url,
-        warning=warning,
-    )
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    return service_error(step, status, headers, body, url, crid, corr, retry_after)
