@@ -21,8 +21,6 @@ import pytest
 
 from anonjoin.simulator import Simulator, SimulatorConfig
 
-pytest.importorskip("locust")
-
 USERS = 20
 LOCUSTFILE = """
 from anonjoin.locust import AnonJoinUser
