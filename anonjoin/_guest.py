@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -27,13 +27,14 @@ from anonjoin._core.conversation import (
     Emit,
     GuestSpec,
     Joined,
+    LeaveSteps,
     Mint,
     Poll,
     Publish,
     Send,
 )
 from anonjoin._events import Event, GuestEvent, GuestEventKind, Observer, Step, log_event
-from anonjoin._exceptions import AnonJoinError, JoinFailed, ServiceError, redact_url
+from anonjoin._exceptions import AnonJoinError, JoinFailed, ServiceError
 from anonjoin._http import HttpClient, Response
 from anonjoin._models import ApplicationBody, GuestGrant, GuestOutcome, JoinResult
 from anonjoin._protocol import STEP_FOR_STATE, GuestState
@@ -353,9 +354,9 @@ class Guest:
                 if not self._joined.done():
                     self._joined.set_result(e.result)
             elif isinstance(e, DeleteApp):
+                steps = self._c.leave_requests(e.deadline_at, self._now, delete=e.url, mint=False)
                 task = asyncio.create_task(
-                    self._delete_app(e.url, e.deadline_at, mint=False),
-                    name=f"anonjoin-delete-{self.guest_id}",
+                    self._leave_requests(steps), name=f"anonjoin-delete-{self.guest_id}"
                 )
                 self._bg.add(task)
                 task.add_done_callback(self._bg.discard)
@@ -441,20 +442,30 @@ class Guest:
             await self._wait_until({creating}, deadline)  # its answer says which application is the last
         if self._bg:
             await self._wait_until(set(self._bg), deadline)
-        for _ in range(C.EVICT_ATTEMPTS):
-            if not c.app_unknown or c.anon_apps_url is None or self._now() >= deadline:
-                break
-            post = partial(self._evict_with, deadline)
-            if await self._with_leave_psat("anon_applications", post, deadline):
-                break
-        url = c.app_url
-        if url is not None:
-            await self._delete_app(url, deadline)
+        await self._leave_requests(c.leave_requests(deadline, self._now))
 
-    async def _evict_with(self, deadline_at: float, grant: GuestGrant) -> None:
-        """A create may have made an application this guest cannot name: create another one for the same
-        applicationSessionId, which evicts it (protocol.md §7); the caller deletes that one."""
-        await self._post_application(self._c.create_request(deadline_at=deadline_at, grant=grant))
+    async def _leave_requests(self, steps: LeaveSteps) -> None:
+        """Perform the conversation's requests of leaving, feeding each answer (or error) back."""
+        result: object = None
+        error: AnonJoinError | None = None
+        try:
+            while True:
+                try:
+                    act = steps.send(result) if error is None else steps.throw(error)
+                except StopIteration:
+                    return
+                result, error = None, None
+                try:
+                    if isinstance(act, Mint):
+                        result = await self._mint(act.meeting_url, act.deadline_at)
+                    elif act.step == "delete_application":
+                        await self._delete(act)
+                    else:
+                        result = await self._send(act)
+                except AnonJoinError as exc:
+                    error = exc
+        finally:
+            steps.close()
 
     async def _wait_until(self, tasks: set[asyncio.Task[Any]], deadline: float) -> None:
         """Wait for ``tasks`` until ``deadline``; those still running then are cancelled and reaped."""
@@ -467,87 +478,26 @@ class Guest:
             if not t.cancelled():
                 t.exception()
 
-    async def _delete_app(self, url: URL, deadline_at: float, *, mint: bool = True) -> None:
-        """DELETE one application until it is gone (a 404/410 says it already is), by ``deadline_at``.
-        ``mint=False`` (in the background, while a rejoin mints its own psat): never mint one."""
-        if await self._with_leave_psat("delete_application", partial(self._delete_with, url, deadline_at),
-                                       deadline_at, mint=mint):  # fmt: skip
-            self._c.deleted_app(url)
-
-    async def _delete_with(self, url: URL, deadline_at: float, grant: GuestGrant) -> None:
-        headers = self._c.headers(grant=grant)
+    def _delete(self, act: Send) -> Coroutine[Any, Any, None]:
+        """DELETE until the application is gone (a 404/410 says it already is), bounded: no attempt starts
+        after the deadline and each is clipped to the time left."""
+        headers, conv = act.headers, self._c
 
         async def attempt(att: Attempt) -> None:
             try:
-                await self._ctx.http.request("delete_application", "DELETE", url, att, headers=headers)
+                await self._ctx.http.request("delete_application", "DELETE", act.url, att, headers=headers)
             except ServiceError as exc:
-                if not self._c.delete_done(exc):
+                if not conv.delete_done(exc):
                     raise
 
-        # bounded: no attempt starts after the deadline and each is clipped to the time left
-        await self._ctx.runner.run(
+        return self._ctx.runner.run(
             "delete_application",
             attempt,
             guest_id=self.guest_id,
-            deadline_at=deadline_at,
+            deadline_at=act.deadline_at,
             attempts=max(self._ctx.retry.attempts, C.DELETE_ATTEMPTS),
             holdoff=self._holdoff,
         )
-
-    async def _with_leave_psat(
-        self,
-        step: Step,
-        op: Callable[[GuestGrant], Awaitable[object]],
-        deadline_at: float,
-        *,
-        mint: bool = True,
-    ) -> bool:
-        """Run a request of leaving with a valid psat; after a 401, once more with a fresh one (bounded).
-        True when it succeeded."""
-        rejected: GuestGrant | None = None
-        for _ in range(C.LEAVE_REMINTS + 1):
-            try:
-                grant = await self._leave_psat(rejected, deadline_at, mint=mint)
-            except AnonJoinError as exc:
-                self._leave_failed("anon_tokens", exc)
-                return False
-            if grant is None:
-                return False  # no valid psat in hand, and not ours to mint one
-            try:
-                await op(grant)
-            except AnonJoinError as exc:
-                if not self._c.leave_retry(step, exc):
-                    self._leave_failed(step, exc)
-                    return False
-                rejected = grant
-            else:
-                return True
-        return False
-
-    async def _leave_psat(
-        self, rejected: GuestGrant | None, deadline_at: float, *, mint: bool
-    ) -> GuestGrant | None:
-        """A psat for leaving, as the conversation says: one in hand, or a new one minted for the meeting or,
-        when the meeting is gone, for the guest's identity alone."""
-        c = self._c
-        grant = c.leave_psat(rejected, self._now())
-        if grant is not None or not mint:
-            return grant
-        try:
-            grant = await self._mint(self.meeting_url, deadline_at)
-        except AnonJoinError as exc:
-            if not c.mint_leave_without_meeting(exc):
-                raise
-            grant = await self._mint(None, deadline_at)
-        c.on_leave_grant(grant, self._now())
-        return grant
-
-    def _leave_failed(self, step: Step, exc: AnonJoinError) -> None:
-        url = self._c.app_url
-        log_event(
-            log, logging.INFO, "anonjoin.guest.leave_failed", guest_id=self.guest_id, step=step,
-            error=type(exc).__name__, url=redact_url(url) if url is not None else None,
-        )  # fmt: skip
 
     # --- the end --------------------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from anonjoin._core.conversation import (
     Emit,
     GuestSpec,
     Joined,
+    LeaveSteps,
     Mint,
     Poll,
     Send,
@@ -478,7 +479,8 @@ class AnonJoinUser(FastHttpUser):  # type: ignore[misc]
                     self._report_join(None)
                     self._hold_until = time.monotonic() + type(self).hold_s
             elif isinstance(e, DeleteApp):
-                self._bg.append(gevent.spawn(self._delete, e.url, e.deadline_at, False))
+                steps = self._c.leave_requests(e.deadline_at, time.monotonic, delete=e.url, mint=False)
+                self._bg.append(gevent.spawn(self._leave_requests, steps))
             elif isinstance(e, Emit) and e.kind in ("dropped", "rejoining"):
                 log.info("anonjoin.locust.%s guest_id=%s reason=%s", e.kind, self._spec.guest_id, e.reason)
 
@@ -529,69 +531,44 @@ class AnonJoinUser(FastHttpUser):  # type: ignore[misc]
         if not c.replaced:
             deadline = c.cleanup_deadline(time.monotonic())
             gevent.joinall(self._bg, timeout=max(0.0, deadline - time.monotonic()))
-            if c.app_unknown and c.anon_apps_url is not None:
-                self._with_leave_psat("anon_applications", lambda g: self._evict(deadline, g), True)
-            if c.app_url is not None:
-                self._delete(c.app_url, deadline, True)
+            self._leave_requests(c.leave_requests(deadline, time.monotonic))
         c.deleted()
         if self._parked is not None:  # released by the DELETE (a 404 it expects)
             self._parked.join(timeout=C.LEAVE_DRAIN_S)
             if not self._parked.ready():
                 self._parked.kill(block=False)
 
-    def _evict(self, deadline: float, grant: GuestGrant) -> None:
-        act = self._c.create_request(deadline_at=deadline, grant=grant)
+    def _leave_requests(self, steps: LeaveSteps) -> None:
+        """Perform the conversation's requests of leaving, feeding each answer (or error) back."""
+        result: object = None
+        error: AnonJoinError | None = None
         try:
-            r = self._send(act)
-        except BaseException as exc:
-            self._c.create_failed(exc)
-            raise
-        self._c.on_created(r)
-
-    def _delete(self, url: URL, deadline: float, mint: bool) -> None:
-        c = self._c
-
-        def delete(grant: GuestGrant) -> None:
-            def attempt(_refresh: bool) -> _Response:
+            while True:
                 try:
-                    return self._http.once(
-                        "delete_application", "DELETE", url, c.headers(grant=grant), None, lambda: True
-                    )
-                except ServiceError as exc:
-                    if not c.delete_done(exc):
-                        raise
-                    return _Response(exc.status, url, {}, b"")
+                    act = steps.send(result) if error is None else steps.throw(error)
+                except StopIteration:
+                    return
+                result, error = None, None
+                try:
+                    if isinstance(act, Mint):
+                        result = self._mint(act.meeting_url)
+                    elif act.step == "delete_application":
+                        self._delete(act)
+                    else:
+                        result = self._send(act)
+                except AnonJoinError as exc:
+                    error = exc
+        finally:
+            steps.close()
 
-            self._http.run(
-                "delete_application", attempt, deadline_at=deadline,
-                attempts=max(type(self).retry.attempts, C.DELETE_ATTEMPTS),
-            )  # fmt: skip
-
-        if self._with_leave_psat("delete_application", delete, mint):
-            c.deleted_app(url)
-
-    def _with_leave_psat(self, step: Step, op: Callable[[GuestGrant], object], mint: bool) -> bool:
-        c = self._c
-        rejected: GuestGrant | None = None
-        for _ in range(C.LEAVE_REMINTS + 1):
+    def _delete(self, act: Send) -> None:
+        def attempt(_refresh: bool) -> _Response:
             try:
-                grant = c.leave_psat(rejected, time.monotonic())
-                if grant is None and mint:
-                    try:
-                        grant = self._mint(self._spec.meeting_url)
-                    except AnonJoinError as exc:
-                        if not c.mint_leave_without_meeting(exc):
-                            raise
-                        grant = self._mint(None)
-                    c.on_leave_grant(grant, time.monotonic())
-                if grant is None:
-                    return False
-                op(grant)
-            except AnonJoinError as exc:
-                if not c.leave_retry(step, exc):
-                    log.info("anonjoin.locust.leave_failed guest_id=%s step=%s", self._spec.guest_id, step)
-                    return False
-                rejected = grant
-            else:
-                return True
-        return False
+                return self._http.once(act.step, act.method, act.url, act.headers, None, lambda: True)
+            except ServiceError as exc:
+                if not self._c.delete_done(exc):
+                    raise
+                return _Response(exc.status, act.url, {}, b"")
+
+        attempts = max(type(self).retry.attempts, C.DELETE_ATTEMPTS)
+        self._http.run(act.step, attempt, deadline_at=act.deadline_at, attempts=attempts)

@@ -22,16 +22,18 @@ as ``now``; wall time appears only as a label on a :class:`~anonjoin.JoinResult`
 from __future__ import annotations
 
 import json
+import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from functools import partial
+from typing import Literal, Protocol, cast, get_args
 
 from yarl import URL
 
 from anonjoin import _constants as C
 from anonjoin._core.policy import RejoinPolicy, StepStats
-from anonjoin._events import ChannelEvent, GuestEventKind, Step
+from anonjoin._events import ChannelEvent, GuestEventKind, Step, log_event
 from anonjoin._exceptions import (
     AnonJoinError,
     JoinFailed,
@@ -39,6 +41,7 @@ from anonjoin._exceptions import (
     RequestNotSentError,
     ServiceError,
     TransportError,
+    redact_url,
 )
 from anonjoin._models import (
     ApplicationBody,
@@ -81,12 +84,15 @@ __all__ = [
     "Emit",
     "GuestSpec",
     "Joined",
+    "LeaveSteps",
     "Mint",
     "Poll",
     "Publish",
     "Recovery",
     "Send",
 ]
+
+log = logging.getLogger("anonjoin.guest")
 
 SHARED_STEPS: frozenset[str] = frozenset({"aad_token", "discover", "applications", "capabilities"})
 """Steps shared by every guest of a Client: their errors are raised as they are, not as JoinFailed, and a
@@ -186,6 +192,10 @@ class DeleteApp:
 
 
 Effect = Emit | Publish | Joined | DeleteApp
+
+LeaveSteps = Generator[Mint | Send, object, None]
+"""The requests of leaving (:meth:`Conversation.leave_requests`): the driver performs each yielded
+:class:`Mint` or :class:`Send` and sends back the grant or the response, or throws the step's error in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,12 +752,6 @@ class Conversation:
                 return g
         return None
 
-    @staticmethod
-    def mint_leave_without_meeting(failed: BaseException) -> bool:
-        """Minting a leave psat for the guest's meeting ``failed``: whether to mint one for the guest's
-        identity alone (the meeting is gone, :func:`~anonjoin._protocol.leave_without_meeting`)."""
-        return leave_without_meeting(failed)
-
     def on_leave_grant(self, grant: GuestGrant, now: float) -> None:
         """A psat minted for leaving; never the guest's own (a rejoin in progress keeps the one it minted)."""
         self.leave_grant = grant
@@ -756,18 +760,96 @@ class Conversation:
         )
 
     @staticmethod
-    def leave_retry(step: Step, exc: BaseException) -> bool:
-        """A request of leaving failed: whether to send it once more with a fresh psat (a 401)."""
-        return classify(step, exc).action is Action.REMINT
-
-    @staticmethod
     def delete_done(exc: BaseException) -> bool:
         """A DELETE answered with an error that says the application is gone already (404/410)."""
         return classify("delete_application", exc).action is Action.DONE
 
-    def deleted_app(self, url: URL) -> None:
-        if self.app_url == url:
+    def leave_requests(
+        self, deadline_at: float, now: Callable[[], float], *, delete: URL | None = None, mint: bool = True
+    ) -> LeaveSteps:
+        """Leave nothing live, by ``deadline_at``: an application a create may have made without the guest
+        learning its href is evicted (another create for the same applicationSessionId, protocol.md §7),
+        then the application to delete is DELETEd (a 404/410 says it is gone already). ``delete``: only that
+        application (in the background, before an expiry rejoin). Each request goes with a valid psat: the
+        guest's own, or one minted for leaving, for the meeting or, when the meeting is gone, for the
+        guest's identity alone; a 401 gets a fresh one (bounded). ``mint=False``: never mint one (with no
+        valid psat in hand nothing is sent)."""
+        if delete is None:
+            for _ in range(C.EVICT_ATTEMPTS):
+                if not self.app_unknown or self.anon_apps_url is None or now() >= deadline_at:
+                    break
+                evict = self._with_leave_psat("anon_applications", self._evict, deadline_at, now, mint)
+                if (yield from evict):
+                    break
+        url = self.app_url if delete is None else delete
+        if url is None:
+            return
+        delete_it = partial(self._delete, url)
+        deleted = yield from self._with_leave_psat("delete_application", delete_it, deadline_at, now, mint)
+        if deleted and self.app_url == url:
             self.app_url = None
+
+    def _evict(self, grant: GuestGrant, deadline_at: float) -> Generator[Send, object, None]:
+        try:
+            r = yield self.create_request(deadline_at=deadline_at, grant=grant)
+        except AnonJoinError as exc:
+            self.create_failed(exc)
+            raise
+        self.on_created(cast(ResponseLike, r))
+
+    def _delete(self, url: URL, grant: GuestGrant, deadline_at: float) -> Generator[Send, object, None]:
+        yield Send("delete_application", "DELETE", url, self.headers(grant=grant), None, deadline_at)
+
+    def _with_leave_psat(
+        self,
+        step: Step,
+        op: Callable[[GuestGrant, float], Generator[Send, object, None]],
+        deadline_at: float,
+        now: Callable[[], float],
+        mint: bool,
+    ) -> Generator[Mint | Send, object, bool]:
+        """Run a request of leaving with a valid psat; after a 401, once more with a fresh one (bounded).
+        True when it succeeded; a failure :func:`classify` does not answer with REMINT is the end of it."""
+        rejected: GuestGrant | None = None
+        for _ in range(C.LEAVE_REMINTS + 1):
+            grant = self.leave_psat(rejected, now())
+            if grant is None:
+                if not mint:
+                    return False  # no valid psat in hand, and not ours to mint one
+                try:
+                    try:
+                        got = yield Mint(self.spec.meeting_url, now(), deadline_at)
+                    except AnonJoinError as exc:
+                        if not leave_without_meeting(exc):
+                            raise
+                        got = yield Mint(None, now(), deadline_at)
+                except AnonJoinError as exc:
+                    self._leave_failed("anon_tokens", exc)
+                    return False
+                grant = cast(GuestGrant, got)
+                self.on_leave_grant(grant, now())
+            try:
+                yield from op(grant, deadline_at)
+            except AnonJoinError as exc:
+                if classify(step, exc).action is not Action.REMINT:
+                    self._leave_failed(step, exc)
+                    return False
+                rejected = grant
+            else:
+                return True
+        return False
+
+    def _leave_failed(self, step: Step, exc: AnonJoinError) -> None:
+        url = self.app_url
+        log_event(
+            log,
+            logging.INFO,
+            "anonjoin.guest.leave_failed",
+            guest_id=self.spec.guest_id,
+            step=step,
+            error=type(exc).__name__,
+            url=redact_url(url) if url is not None else None,
+        )
 
     # --- the end ------------------------------------------------------------------------------------
 

@@ -434,24 +434,78 @@ def test_psats_that_keep_coming_with_a_suspect_expiry_exhaust_the_budget() -> No
     assert info.value.reason == "BadExpiry"
 
 
-@pytest.mark.parametrize(
-    ("error", "without"),
-    [
-        (se(404, "DestinationNotFound", step="anon_tokens"), True),
-        (se(404, "Ended", step="anon_tokens"), True),
-        (se(503, step="anon_tokens"), False),
-    ],
-)
-def test_a_leave_psat_is_minted_without_the_meeting_only_when_it_is_gone(
-    error: Exception, without: bool
-) -> None:
-    assert Conversation.mint_leave_without_meeting(error) is without
+def run_leave(c: Conversation, clock: Clock, answers: list[object], **kw: Any) -> list[Mint | Send]:
+    """Drive :meth:`Conversation.leave_requests`: each request gets the next answer (an exception is
+    thrown in); returns the requests it made."""
+    steps = c.leave_requests(clock.s + 10.0, lambda: clock.s, **kw)
+    made: list[Mint | Send] = []
+    answer: object = None
+    try:
+        while True:
+            act = steps.throw(answer) if isinstance(answer, BaseException) else steps.send(answer)
+            made.append(act)
+            answer = answers.pop(0)
+            clock.advance(5)
+    except StopIteration:
+        pass
+    assert not answers, answers
+    return made
 
 
-def test_a_leave_request_refused_with_401_is_sent_again_with_a_fresh_psat() -> None:
-    assert Conversation.leave_retry("delete_application", se(401, step="delete_application"))
-    assert not Conversation.leave_retry("delete_application", se(403, step="delete_application"))
-    assert Conversation.delete_done(se(404, step="delete_application"))
+DELETED = Resp(status=204)
+
+
+def test_leaving_deletes_with_the_guests_psat() -> None:
+    c, clock = joined()
+    (delete,) = run_leave(c, clock, [DELETED])
+    assert isinstance(delete, Send) and (delete.step, delete.method, delete.url) == (
+        "delete_application",
+        "DELETE",
+        BASE,
+    )
+    assert delete.headers["Authorization"] == "Bearer psat=one"
+    assert c.app_url is None
+
+
+def test_an_expired_psat_is_minted_again_and_without_the_meeting_once_it_is_gone() -> None:
+    c, clock = joined(lifetime_s=400.0)
+    clock.ms = 400_000  # the guest's psat has run out
+    gone = se(404, "DestinationNotFound", step="anon_tokens")
+    made = run_leave(c, clock, [gone, grant(400.0, token="psat=leave"), DELETED])
+    assert [type(m) for m in made] == [Mint, Mint, Send]
+    assert isinstance(made[0], Mint) and made[0].meeting_url == SPEC.meeting_url
+    assert isinstance(made[1], Mint) and made[1].meeting_url is None  # the guest's identity alone
+    assert isinstance(made[2], Send) and made[2].headers["Authorization"] == "Bearer psat=leave"
+    assert c.grant is not None and c.grant.token == "psat=one"  # never the guest's own
+
+
+def test_a_delete_refused_with_401_is_sent_again_with_a_fresh_psat() -> None:
+    c, clock = joined()
+    made = run_leave(c, clock, [se(401, step="delete_application"), grant(token="psat=two"), DELETED])
+    assert [type(m) for m in made] == [Send, Mint, Send]
+    assert isinstance(made[2], Send) and made[2].headers["Authorization"] == "Bearer psat=two"
+    assert c.app_url is None
+
+
+def test_a_delete_refused_otherwise_is_given_up_within_the_budget() -> None:
+    c, clock = joined()
+    made = run_leave(c, clock, [se(403, step="delete_application")])
+    assert len(made) == 1 and c.app_url == BASE  # not deleted, and not retried here
+
+
+def test_an_application_made_unnamed_is_evicted_then_its_successor_deleted() -> None:
+    c, clock = joined()
+    c.create_request()  # a create in flight whose answer never came
+    assert c.app_unknown
+    made = run_leave(c, clock, [APP, DELETED])
+    assert [m.step for m in made if isinstance(m, Send)] == ["anon_applications", "delete_application"]
+    assert not c.app_unknown and c.app_url is None
+
+
+def test_a_background_delete_never_mints() -> None:
+    c, clock = joined(lifetime_s=400.0)
+    clock.ms = 400_000
+    assert run_leave(c, clock, [], delete=BASE, mint=False) == []
 
 
 def test_the_leave_budget_is_set_once() -> None:
