@@ -33,7 +33,6 @@ import locust  # first: gevent's monkey-patching
 
 import email.utils
 import importlib
-import json
 import logging
 import os
 import random
@@ -42,7 +41,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -62,6 +60,7 @@ from anonjoin._core.conversation import (
     Send,
 )
 from anonjoin._core.policy import RejoinPolicy, RetryPolicy
+from anonjoin._core.service import Capabilities, discovery, grant_from, stale_link, token_body
 from anonjoin._core.trust import TrustedHosts
 from anonjoin._core.wire import service_error
 from anonjoin._events import Step
@@ -78,12 +77,6 @@ from anonjoin._exceptions import (
 )
 from anonjoin._models import (
     GuestGrant,
-    TokenBody,
-    _Resource,
-    find_href,
-    parse_body,
-    psat_claims,
-    require_link,
 )
 from anonjoin._protocol import STEP_FOR_STATE, Action, GuestState, classify
 from anonjoin._version import __version__
@@ -276,61 +269,43 @@ class _ServiceApp:
         with self.lock:
             if self.tokens_url is not None and not refetch:
                 return self.tokens_url
-            r = self._sa(http, "discover", "GET", self.discover_url)
-            d = parse_body(_Resource, r.body, step="discover", status=r.status)
-            apps = require_link(
-                d.links, r.url, "applications", "myApplications", step="discover", status=r.status
-            )
-            apps = apps.update_query(endpointId=self.user_cls.endpoint_id)
-            r = self._sa(http, "applications", "GET", apps)
-            a = parse_body(_Resource, r.body, step="applications", status=r.status)
-            app_url = require_link(a.links, r.url, "application", step="applications", status=r.status)
-            r = self._sa(http, "capabilities", "GET", app_url)
-            c = parse_body(_Resource, r.body, step="capabilities", status=r.status)
-            href = find_href(c.links, "anonApplicationTokens")
-            if href is None:
+            steps = discovery(self.discover_url, self.user_cls.endpoint_id, time.monotonic())
+            answer: _Response | None = None
+            try:
+                while True:
+                    act = steps.send(answer)
+                    answer = self._sa(http, act.step, act.method, act.url)
+            except StopIteration as done:
+                caps: Capabilities = done.value
+            finally:
+                steps.close()
+            if caps.anon_tokens_url is None:
                 raise CapabilityNotAvailable("anonApplicationTokens")
-            self.tokens_url = r.url.join(URL(href))
+            self.tokens_url = caps.anon_tokens_url
             return self.tokens_url
 
     def mint(self, http: _Http, spec: GuestSpec, meeting_url: str | None) -> GuestGrant:
-        body: dict[str, str] = {
-            "applicationSessionId": spec.application_session_id,
-            "allowedOrigins": spec.origin,
-        }
-        if meeting_url is not None:
-            body["meetingUrl"] = meeting_url
-        data = json.dumps(body).encode()
+        body = token_body(meeting_url, spec.origin, spec.application_session_id)
         for refetch in (False, True):
             url = self._capabilities(http, refetch)
             try:
-                r = self._sa(http, "anon_tokens", "POST", url, data)
+                r = self._sa(http, "anon_tokens", "POST", url, body)
             except ServiceError as exc:
-                if classify("anon_tokens", exc, refetched=refetch).action is Action.REFETCH:
+                if stale_link("anon_tokens", exc, refetched=refetch):
                     continue
                 raise
-            t = parse_body(TokenBody, r.body, step="anon_tokens", status=r.status)
-            discover = require_link(t.links, r.url, "discover", step="anon_tokens", status=r.status)
-            confid = psat_claims(t.token).get("confid")
-            now = time.time()
             server_now = None
             if r.headers.get("Date"):
                 try:
                     server_now = email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp()
                 except (TypeError, ValueError, IndexError):
                     server_now = None
-            lifetime = None
-            if t.expiry_time is not None:
-                lifetime = t.expiry_time.timestamp() - (now if server_now is None else server_now)
-            return GuestGrant(
-                token=t.token,
-                expires_at=t.expiry_time or datetime.fromtimestamp(now, UTC),
-                lifetime_s=lifetime,
-                received_at=now,
-                discover_url=str(discover),
+            return grant_from(
+                r,
                 application_session_id=spec.application_session_id,
-                meeting_url=meeting_url or "",
-                conference_id=confid if isinstance(confid, str) else None,
+                meeting_url=meeting_url,
+                now=time.time(),
+                server_now=server_now,
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
