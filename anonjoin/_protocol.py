@@ -8,19 +8,21 @@ Rules of this module (like h11's ``_state.py``):
    (a guest already in a terminal state keeps it). There is no silent fall-through.
 3. What to do after a failure is decided in one place, :func:`classify` (protocol.md §6): retry the step,
    refresh the AAD token and retry once, re-mint the psat (same applicationSessionId) and redo the guest
-   steps, recreate the application, stop the poller, final, "ended" (final, not a failure), or "done" (a
-   DELETE whose application is already gone). Leaving follows the same table: a DELETE answered 401 gets a
-   new psat for the same applicationSessionId and is sent again; :func:`leave_without_meeting` says when
-   that psat is minted without the meeting (the meeting is gone).
+   steps, recreate the application, refetch a stale capabilities link, stop the poller, final, "ended"
+   (final, not a failure), or "done" (a DELETE whose application is already gone). What the caller knows
+   of the situation is an argument (the service answered before, the token was refreshed, the link was
+   refetched, the meeting was live), not a rule of its own elsewhere. Leaving follows the same table: a
+   DELETE answered 401 gets a new psat for the same applicationSessionId and is sent again;
+   :func:`leave_without_meeting` says when that psat is minted without the meeting (the meeting is gone).
 4. Which step the driver performs in a state is :data:`STEP_FOR_STATE`; which steps may be repeated after a
    maybe-sent failure is :data:`SAFE_TO_REPEAT`. The two guest POSTs that are not safe
    (:data:`RECREATE_AFTER_MAYBE_SENT`) are never repeated in place: the application is recreated instead,
    which is safe because a new application for the same applicationSessionId evicts the old one.
-5. What a batch of channel events means for the join is decided by :func:`signals_from_events` and
+5. What a batch of channel events means for the join is decided by :func:`signal_of` and
    :func:`settle`, pure functions of parsed data.
 
-The driver (``anonjoin._guest``) awaits the network, turns what happened into an :class:`Input`, feeds it
-to :meth:`GuestMachine.handle` and performs the step of the new state. Another driver can reuse all of this.
+The conversation (:mod:`anonjoin._core.conversation`) feeds the machine and holds the rest of a guest's
+decisions; the drivers (``anonjoin._guest`` with asyncio, ``anonjoin.locust`` with Locust) perform them.
 """
 
 from __future__ import annotations
