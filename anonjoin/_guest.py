@@ -279,17 +279,6 @@ class Guest:
                     c.error = exc
                     break
                 rec = c.on_failure(step, exc, self._now())
-                d = rec.decision
-                log_event(
-                    log, logging.INFO, "anonjoin.guest.failure", guest_id=self.guest_id, step=step,
-                    action=d.action.value, reason=d.reason, error=type(exc).__name__,
-                )  # fmt: skip
-                if c.replaced:
-                    log_event(log, logging.INFO, "anonjoin.poll.replaced", guest_id=self.guest_id)
-                if rec.restart:
-                    log_event(
-                        log, logging.INFO, "anonjoin.guest.restart", guest_id=self.guest_id, reason=d.reason
-                    )
                 self._perform(rec.effects)
                 await self._sleep_until(rec.wait_until)
         error = c.settle_error()

@@ -505,10 +505,23 @@ class Conversation:
     def on_failure(self, step: Step, exc: AnonJoinError, now: float) -> Recovery:
         """A step failed for good (its retries, if any, spent): what the guest does next. The error's own
         step, when it names one, is the one that really failed (minting runs discover and co.)."""
-        m = self.m
         own = getattr(exc, "step", None)
         if isinstance(own, str) and own in _STEPS:
             step = own  # type: ignore[assignment]
+        rec = self._ladder(step, exc, now)
+        d, gid = rec.decision, self.spec.guest_id
+        log_event(
+            log, logging.INFO, "anonjoin.guest.failure", guest_id=gid, step=step, action=d.action.value,
+            reason=d.reason, error=type(exc).__name__,
+        )  # fmt: skip
+        if self.replaced:
+            log_event(log, logging.INFO, "anonjoin.poll.replaced", guest_id=gid)
+        if rec.restart:
+            log_event(log, logging.INFO, "anonjoin.guest.restart", guest_id=gid, step=step, reason=d.reason)
+        return rec
+
+    def _ladder(self, step: Step, exc: AnonJoinError, now: float) -> Recovery:
+        m = self.m
         # the failure reaches the guest after the service application refetched its capabilities; a meeting
         # this guest was in and no longer found has ended (while the guest was rejoining)
         d = classify(step, exc, refetched=True, meeting_ended=self.ever_joined)
