@@ -42,6 +42,8 @@ from anonjoin._models import (
 from anonjoin._protocol import Action, classify
 from anonjoin._retry import Attempt, Clock, StepRunner, StepStats
 
+__all__ = ["AccessTokenLike", "Capabilities", "CredentialLike", "ServiceApp"]
+
 log = logging.getLogger("anonjoin.client")
 
 
