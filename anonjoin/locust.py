@@ -36,6 +36,7 @@ import importlib
 import logging
 import os
 import random
+import socket
 import ssl
 import time
 import uuid
@@ -132,7 +133,7 @@ class _Http:
 
     def once(
         self, step: Step, method: str, url: URL, headers: Mapping[str, str], body: bytes | None = None,
-        quiet: Callable[[], bool] | None = None,
+        expected: Callable[[ServiceError], bool] | None = None,
     ) -> _Response:  # fmt: skip
         token = any(k.lower() == "authorization" for k in headers)
         target = url
@@ -150,9 +151,9 @@ class _Http:
                 if status == 0:
                     error = getattr(resp, "error", None)
                     resp.failure(error or "no response")
-                    if isinstance(error, ConnectionRefusedError | ssl.SSLError | OSError) and not isinstance(
-                        error, TimeoutError
-                    ):
+                    if isinstance(
+                        error, ConnectionRefusedError | socket.gaierror | ssl.SSLError
+                    ):  # never sent
                         raise RequestNotSentError(f"{type(error).__name__}: {error}", step=step, url=target)
                     raise MaybeSentError(f"{type(error).__name__}: {error}", step=step, url=target)
                 rh = {k: v for k, v in (resp.headers or {}).items()}
@@ -164,15 +165,17 @@ class _Http:
                         self.trusted.trust(new)
                     target = new
                     continue
-                if 200 <= status < 300 or (quiet is not None and quiet()):
+                if 200 <= status < 300:
                     resp.success()
-                    if 200 <= status < 300:
-                        self.trusted.learn(target, data)
+                    self.trusted.learn(target, data)
                     return _Response(status, target, rh, data, rh.get("X-MS-Correlation-Id"))
                 err = service_error(
                     step, status, rh, data, target, hdrs["client-request-id"], rh.get("X-MS-Correlation-Id"),
                     _retry_after(rh.get("Retry-After")),
                 )  # fmt: skip
+                if expected is not None and expected(err):  # e.g. a DELETE of an application gone already
+                    resp.success()
+                    return _Response(status, target, rh, data, rh.get("X-MS-Correlation-Id"))
                 resp.failure(f"{status} {err.subcode or err.code or ''}".strip())
                 raise err
         raise ProtocolError("more than one redirect", step=step, status=307)
@@ -404,9 +407,9 @@ class AnonJoinUser(FastHttpUser):  # type: ignore[misc]
             response_time=(time.perf_counter() - self._join_started) * 1000,
         )  # fmt: skip
 
-    def _send(self, act: Send, quiet: Callable[[], bool] | None = None) -> _Response:
+    def _send(self, act: Send, expected: Callable[[ServiceError], bool] | None = None) -> _Response:
         def attempt(_refresh: bool) -> _Response:
-            return self._http.once(act.step, act.method, act.url, act.headers, act.body, quiet)
+            return self._http.once(act.step, act.method, act.url, act.headers, act.body, expected)
 
         deadline = act.deadline_at if act.deadline_at is not None else self._c.deadline_at
         return self._http.run(act.step, attempt, deadline_at=deadline)
@@ -462,7 +465,8 @@ class AnonJoinUser(FastHttpUser):  # type: ignore[misc]
     def _poll(self, url: URL, wait_s: float) -> _Response:
         if wait_s > 0:
             gevent.sleep(wait_s)
-        return self._send(self._c.poll_request(url), quiet=lambda: self._left)
+        # after our own DELETE, the poll's 404 is its expected end
+        return self._send(self._c.poll_request(url), expected=lambda _e: self._left)
 
     def _poll_loop(self, url: URL) -> bool:
         """Poll until the state leaves polling (False) or the hold is over (True, the poll left parked)."""
@@ -538,12 +542,7 @@ class AnonJoinUser(FastHttpUser):  # type: ignore[misc]
 
     def _delete(self, act: Send) -> None:
         def attempt(_refresh: bool) -> _Response:
-            try:
-                return self._http.once(act.step, act.method, act.url, act.headers, None, lambda: True)
-            except ServiceError as exc:
-                if not self._c.delete_done(exc):
-                    raise
-                return _Response(exc.status, act.url, {}, b"")
+            return self._http.once(act.step, act.method, act.url, act.headers, None, self._c.delete_done)
 
         attempts = max(type(self).retry.attempts, C.DELETE_ATTEMPTS)
         self._http.run(act.step, attempt, deadline_at=act.deadline_at, attempts=attempts)
