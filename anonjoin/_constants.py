@@ -67,7 +67,6 @@ REJOIN_JITTER_S: Final = 0.5
 LOBBY_TIMEOUT_S: Final = 300.0
 CAPABILITIES_TTL_S: Final = 3600.0
 """Discover/applications/capabilities are shared by all guests and refetched after this long."""
-EVENT_QUEUE_WARN: Final = 10_000
 POLL_FLOOR_S: Final = 0.05
 """An event poll answered faster than this with nothing in it (no event, a heartbeat, only ``resync``) is
 idle: the next poll waits (issue 11), ``POLL_IDLE_WAIT_INITIAL_S`` doubling up to ``POLL_IDLE_WAIT_MAX_S``;

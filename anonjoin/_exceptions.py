@@ -100,12 +100,21 @@ class TransportError(AnonJoinError):
     """The network failed before a usable HTTP response arrived."""
 
     def __init__(
-        self, message: str, *, step: str | None = None, url: object = None, final: bool = False
+        self,
+        message: str,
+        *,
+        step: str | None = None,
+        url: object = None,
+        final: bool = False,
+        cause: str | None = None,
     ) -> None:
         self.step = step
         self.url = redact_url(url) if url is not None else None
         #: True when no retry can help (an untrusted TLS certificate, say).
         self.final = final
+        #: What failed and what to do, in a few words, when the connection could not be made for a known
+        #: reason (``connection refused by host:port: ...``); None otherwise. Stable per target.
+        self.cause = cause
         where = f" [{step}]" if step else ""
         target = f" {self.url}" if self.url else ""
         super().__init__(f"{redact(message)}{where}{target}")

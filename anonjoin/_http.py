@@ -23,7 +23,6 @@ import asyncio
 import email.utils
 import logging
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,8 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from anonjoin import _constants as C
+from anonjoin._core.trust import TrustedHosts
+from anonjoin._core.wire import service_error
 from anonjoin._events import Step, log_event
 from anonjoin._exceptions import (
     ConfigurationError,
@@ -44,14 +45,10 @@ from anonjoin._exceptions import (
     ServiceError,
     redact_url,
 )
-from anonjoin._models import parse_error_body
 from anonjoin._retry import Attempt
 from anonjoin._tls import LeanTLSConnector
 
 log = logging.getLogger("anonjoin.http")
-
-_HREF_HOST = re.compile(rb'"href"\s*:\s*"https://([^"/?#\\\\]+)')
-"""The authority of an absolute https href in a JSON body (relative hrefs stay on the answering host)."""
 
 _CORRELATION = ("X-MS-Correlation-Id", "X-Ms-Correlation-Id", "ms-cv", "x-ms-request-id")
 
@@ -143,29 +140,15 @@ class HttpClient:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._closed = False
-        self._trusted: set[str] = set()
+        self._trusted = TrustedHosts()
 
     def trust(self, url: URL) -> None:
         """Make ``url``'s host one a token may be sent to (over https only): the discover URL's host."""
-        if url.host:
-            self._trusted.add(url.host.lower())
+        self._trusted.trust(url)
 
     def trusted(self, url: URL) -> bool:
         """Whether a request carrying a token may go to ``url`` (https, and a host of the service)."""
-        return url.scheme == "https" and url.host is not None and url.host.lower() in self._trusted
-
-    def _learn(self, url: URL, body: bytes) -> None:
-        """A 2xx answer over https from a trusted host: the hosts its absolute https hrefs name are the
-        service's too."""
-        if b"https://" not in body or not self.trusted(url):
-            return
-        for m in _HREF_HOST.finditer(body):
-            try:
-                host = URL(f"https://{m.group(1).decode('ascii', 'replace')}").host
-            except (ValueError, TypeError):
-                continue  # unusable: whatever it names stays untrusted
-            if host:
-                self._trusted.add(host.lower())
+        return self._trusted.trusted(url)
 
     def session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -280,7 +263,7 @@ class HttpClient:
                             continue
                         data = await self._read(resp, step, corr)
                         if 200 <= status < 300:
-                            self._learn(target, data)
+                            self._trusted.learn(target, data)
                             return Response(status, resp.url, resp.headers, data, crid, corr)
                         if quiet is not None and quiet():
                             return Response(status, resp.url, resp.headers, data, crid, corr)
@@ -296,10 +279,13 @@ class HttpClient:
                         step=step,
                         url=target,
                         final=True,
+                        cause=f"TLS certificate of {_authority(target)} not trusted: check --ca-file",
                     ) from exc
                 except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake
+                    cause = _connect_cause(exc, target)
+                    detail = f"{type(exc).__name__}: {exc.os_error or exc}"
                     raise RequestNotSentError(
-                        f"{type(exc).__name__}: {exc.os_error or exc}", step=step, url=target
+                        f"{cause} ({detail})" if cause else detail, step=step, url=target, cause=cause
                     ) from exc
                 except aiohttp.ConnectionTimeoutError as exc:
                     raise RequestNotSentError("connect timeout", step=step, url=target) from exc
@@ -321,7 +307,10 @@ class HttpClient:
                 except aiohttp.ClientError as exc:
                     raise MaybeSentError(f"{type(exc).__name__}", step=step, url=target) from exc
                 except ssl.SSLError as exc:
-                    raise RequestNotSentError(f"TLS: {exc.reason}", step=step, url=target) from exc
+                    cause = _tls_cause(target)
+                    raise RequestNotSentError(
+                        f"{cause} (TLS: {exc.reason})", step=step, url=target, cause=cause
+                    ) from exc
             raise ProtocolError("more than one redirect", step=step, status=307)
         finally:
             if slots is not None:
@@ -362,6 +351,28 @@ def _correlation(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def _authority(url: URL) -> str:
+    return f"{url.host}:{url.port}" if url.port is not None else str(url.host)
+
+
+def _tls_cause(url: URL) -> str:
+    return (
+        f"TLS handshake with {_authority(url)} failed: does that port speak TLS (https)? "
+        "check the URL's scheme and port, and --ca-file"
+    )
+
+
+def _connect_cause(exc: aiohttp.ClientConnectorError, url: URL) -> str | None:
+    """What failed and what to do, for a connection that could not be made for a known reason."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {url.host!r}: check the URL's host name"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return _tls_cause(url)
+    if isinstance(exc.os_error, ConnectionRefusedError):
+        return f"connection refused by {_authority(url)}: is the service running there? check the URL's port"
+    return None
+
+
 def _redirect_target(current: URL, location: str, step: Step) -> URL:
     try:
         target = current.join(URL(location))
@@ -378,6 +389,8 @@ def _insecure(step: Step, target: URL, hop: int) -> InsecureTarget:
     what = "a redirect" if hop else "a request"
     if target.scheme != "https":
         why = f"refusing to send a token over {target.scheme or 'a non-https URL'}"
+        if target.scheme == "http" and not hop:
+            why += f": use {redact_url(target.with_scheme('https'))}"
     else:
         why = f"refusing to send a token to {target.host!r}, not a host of the service"
     return InsecureTarget(f"{why} ({what})", step=step, status=307 if hop else None)
@@ -386,29 +399,5 @@ def _insecure(step: Step, target: URL, hop: int) -> InsecureTarget:
 def _service_error(
     step: Step, status: int, headers: Mapping[str, str], body: bytes, url: URL, crid: str, corr: str | None
 ) -> ServiceError:
-    err = parse_error_body(body)
-    code = err.code if err else None
-    subcode = err.subcode if err else None
-    warning = headers.get("Warning")
-    diag = headers.get("X-Ms-diagnostics")
-    if (
-        subcode is None
-        and status == 403
-        and ((warning and "InvalidToken" in warning) or (diag and diag.lstrip().startswith("28055")))
-    ):
-        subcode = "InvalidToken"
-    if code is None:
-        code = C.ERROR_CODES.get(status)
-    return ServiceError(
-        step=step,
-        status=status,
-        code=code,
-        subcode=subcode,
-        message=err.message if err else None,
-        correlation_id=corr,
-        client_request_id=crid,
-        retry_after=parse_retry_after(headers.get("Retry-After")),
-        body=body,
-        url=url,
-        warning=warning,
-    )
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    return service_error(step, status, headers, body, url, crid, corr, retry_after)

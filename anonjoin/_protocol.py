@@ -8,19 +8,21 @@ Rules of this module (like h11's ``_state.py``):
    (a guest already in a terminal state keeps it). There is no silent fall-through.
 3. What to do after a failure is decided in one place, :func:`classify` (protocol.md §6): retry the step,
    refresh the AAD token and retry once, re-mint the psat (same applicationSessionId) and redo the guest
-   steps, recreate the application, stop the poller, final, "ended" (final, not a failure), or "done" (a
-   DELETE whose application is already gone). Leaving follows the same table: a DELETE answered 401 gets a
-   new psat for the same applicationSessionId and is sent again; :func:`leave_without_meeting` says when
-   that psat is minted without the meeting (the meeting is gone).
+   steps, recreate the application, refetch a stale capabilities link, stop the poller, final, "ended"
+   (final, not a failure), or "done" (a DELETE whose application is already gone). What the caller knows
+   of the situation is an argument (the service answered before, the token was refreshed, the link was
+   refetched, the meeting was live), not a rule of its own elsewhere. Leaving follows the same table: a
+   DELETE answered 401 gets a new psat for the same applicationSessionId and is sent again;
+   :func:`leave_without_meeting` says when that psat is minted without the meeting (the meeting is gone).
 4. Which step the driver performs in a state is :data:`STEP_FOR_STATE`; which steps may be repeated after a
    maybe-sent failure is :data:`SAFE_TO_REPEAT`. The two guest POSTs that are not safe
    (:data:`RECREATE_AFTER_MAYBE_SENT`) are never repeated in place: the application is recreated instead,
    which is safe because a new application for the same applicationSessionId evicts the old one.
-5. What a batch of channel events means for the join is decided by :func:`signals_from_events` and
+5. What a batch of channel events means for the join is decided by :func:`signal_of` and
    :func:`settle`, pure functions of parsed data.
 
-The driver (``anonjoin._guest``) awaits the network, turns what happened into an :class:`Input`, feeds it
-to :meth:`GuestMachine.handle` and performs the step of the new state. Another driver can reuse all of this.
+The conversation (:mod:`anonjoin._core.conversation`) feeds the machine and holds the rest of a guest's
+decisions; the drivers (``anonjoin._guest`` with asyncio, ``anonjoin.locust`` with Locust) perform them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Any, Final
 from anonjoin import _constants as C
 from anonjoin._events import ChannelEvent, Step
 from anonjoin._exceptions import (
-    AnonJoinError,
     AuthError,
     CapabilityNotAvailable,
     InsecureTarget,
@@ -183,6 +184,7 @@ class Action(enum.Enum):
     REMINT = "remint"  # new psat with the same applicationSessionId, redo the guest steps
     RECREATE = "recreate"  # recreate the guest application (new psat if near expiry), rejoin
     REJOIN = "rejoin"  # a drop: rejoin with the same applicationSessionId if the policy allows
+    REFETCH = "refetch"  # a stale capabilities link (404 on the SA's POST): refetch them once, send again
     STOP_POLLER = "stop_poller"  # 409 PGetReplaced: another poller took over
     DONE = "done"  # what the step wanted is already so: the application to DELETE is gone (404/410)
     ENDED = "ended"  # the meeting is over: final, not a failure
@@ -217,6 +219,14 @@ RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 THROTTLE_STATUSES: Final = frozenset({429, 503})
 DROP_SUBCODES: Final = frozenset({"Ejected", "Removed", "TemporarilyUnavailable", "Disconnected"})
 FINAL_500_CODES: Final = frozenset({"CallbackChannelError"})
+NOT_FOUND: Final = "DestinationNotFound"
+"""The service's word for a meeting it does not know: one that never existed, or one that has ended."""
+NOT_STALE: Final[Mapping[Step, frozenset[str]]] = {
+    "anon_tokens": frozenset({"ApplicationNotFound", NOT_FOUND}),  # about the request, not the link
+    "adhoc_meetings": frozenset(),
+}
+"""The service application's POSTs whose 404 may mean a stale capabilities link, and the 404 subcodes that
+say something about the request instead (refetching would not help)."""
 
 
 def error_reason(error: BaseException) -> str:
@@ -242,14 +252,36 @@ def transient(decision: Decision, error: BaseException) -> bool:
     return decision.action is Action.RETRY or invalid_token(error)
 
 
-def classify(step: Step, error: BaseException) -> Decision:
-    """The one place that maps a failure of ``step`` to what the client does next (protocol.md §6)."""
+def classify(
+    step: Step,
+    error: BaseException,
+    *,
+    answered: bool = True,
+    refreshed: bool = False,
+    refetched: bool = False,
+    meeting_ended: bool = False,
+) -> Decision:
+    """The one place that maps a failure of ``step`` to what the client does next (protocol.md §6).
+
+    What the caller knows about the situation changes the answer:
+
+    - ``answered``: the service has answered before. False on a Client's first discover (its preflight):
+      a connection that could not be made for a known reason (refused, DNS, no TLS: the error's ``cause``)
+      is final there, with that cause. Retries are for a service that answered before.
+    - ``refreshed``: the AAD token was refreshed already for this step: a 401 again is final, a 403
+      InvalidToken is retried like a transient failure (it hits valid tokens too, briefly, §4.2).
+    - ``refetched``: the capabilities were refetched already for this request: a 404 is final.
+    - ``meeting_ended``: the meeting is known to have been live (this guest was in it, or another guest
+      saw it end): a ``DestinationNotFound`` means it ended, which is final but not a failure.
+    """
     reason = error_reason(error)
     if isinstance(error, InsecureTarget):  # a token would go over http / off the service: never retried
         return Decision(Action.FINAL, reason)
     if isinstance(error, TransportError) and error.final:  # e.g. an untrusted TLS certificate
         return Decision(Action.FINAL, reason)
     if isinstance(error, RequestNotSentError):
+        if not answered and error.cause is not None:
+            return Decision(Action.FINAL, reason)  # the preflight: nothing answers there
         return Decision(Action.RETRY, reason)
     if isinstance(error, MaybeSentError):
         if step in SAFE_TO_REPEAT:
@@ -261,6 +293,8 @@ def classify(step: Step, error: BaseException) -> Decision:
         return Decision(Action.FINAL, reason)
     if isinstance(error, ServiceError):
         status, sub = error.status, error.subcode
+        if meeting_ended and sub == NOT_FOUND:
+            return Decision(Action.ENDED, reason)
         if step == "delete_application" and status in (404, 410):
             return Decision(Action.DONE, reason)  # deleted, evicted or expired: nothing left to delete
         if step == "events" and status == 409 and sub == "PGetReplaced":
@@ -272,7 +306,12 @@ def classify(step: Step, error: BaseException) -> Decision:
             return Decision(Action.RETRY, reason)
         if step in SA_STEPS:
             if status == 401 or invalid_token(error):
-                return Decision(Action.REFRESH_AUTH, reason)
+                if not refreshed:
+                    return Decision(Action.REFRESH_AUTH, reason)
+                return Decision(Action.RETRY if invalid_token(error) else Action.FINAL, reason)
+            stale = NOT_STALE.get(step)
+            if status == 404 and stale is not None and sub not in stale and not refetched:
+                return Decision(Action.REFETCH, reason)
             return Decision(Action.FINAL, reason)  # 403 ApplicationNotFound, 400, ... are final
         # guest side
         if status == 401:
@@ -287,7 +326,7 @@ def classify(step: Step, error: BaseException) -> Decision:
             return Decision(Action.ENDED, reason)
         return Decision(Action.FINAL, reason)  # DestinationNotFound, conference mismatch, 400, ...
     if isinstance(error, JoinFailed):
-        if error.reason == "Ended":
+        if error.reason == "Ended" or (meeting_ended and error.reason == NOT_FOUND):
             return Decision(Action.ENDED, reason)
         if error.reason in DROP_SUBCODES:
             return Decision(Action.REJOIN, reason)
@@ -295,9 +334,13 @@ def classify(step: Step, error: BaseException) -> Decision:
     if isinstance(error, AuthError):
         # the credential says whether Azure AD failed transiently (5xx, temporarily_unavailable, network)
         return Decision(Action.RETRY if error.retryable else Action.FINAL, reason)
-    if isinstance(error, ProtocolError | CapabilityNotAvailable | AnonJoinError):
-        return Decision(Action.FINAL, reason)
-    return Decision(Action.FINAL, reason)
+    return Decision(Action.FINAL, reason)  # ProtocolError, CapabilityNotAvailable, anything else
+
+
+def ended_not_failed(reason: str | None, *, meeting_ended: bool) -> bool:
+    """Whether a guest that failed with ``reason`` (a report's reason word) really met its meeting's end:
+    the same rule as :func:`classify`'s ``meeting_ended``, for a failure known only by its reason."""
+    return meeting_ended and reason is not None and reason.startswith(NOT_FOUND)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,7 +384,7 @@ def poll_wait(previous_s: float, took_s: float, idle: bool) -> float:
     return min(C.POLL_IDLE_WAIT_MAX_S, previous_s * 2)
 
 
-MEETING_GONE: Final = frozenset({"DestinationNotFound", "Ended"})
+MEETING_GONE: Final = frozenset({NOT_FOUND, "Ended"})
 """Reasons that say the guest's meeting no longer exists (a psat for it can no longer be minted)."""
 
 
@@ -350,7 +393,8 @@ def leave_without_meeting(error: BaseException) -> bool:
     to mint one without ``meetingUrl`` instead. A DELETE needs only the guest's identity, which is its
     applicationSessionId (protocol.md §7), so when the meeting is gone a psat without a meeting still lets
     the guest delete its application rather than leave it live until the service expires it."""
-    return classify("anon_tokens", error).action is Action.FINAL and error_reason(error) in MEETING_GONE
+    final = classify("anon_tokens", error, refetched=True).action is Action.FINAL
+    return final and error_reason(error) in MEETING_GONE
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,16 +450,6 @@ def signal_of(ev: ChannelEvent) -> Outcome:
     if rel == "onlineMeeting" and kind == "deleted":
         return Outcome(Signal.ENDED, "Ended")
     return Outcome(Signal.PROGRESS)
-
-
-_RANK: Final = {
-    Signal.PROGRESS: 0,
-    Signal.IN_LOBBY: 1,
-    Signal.SUCCEEDED: 2,
-    Signal.DROPPED: 3,
-    Signal.DECLINED: 4,
-    Signal.ENDED: 5,
-}
 
 
 def settle(state: GuestState, outcomes: Iterable[Outcome]) -> list[Outcome]:

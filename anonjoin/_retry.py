@@ -20,86 +20,24 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, retry_if_exception, stop_never
 
 from anonjoin import _constants as C
+from anonjoin._core.policy import RejoinPolicy, RetryPolicy, StepStats, exponential_backoff
 from anonjoin._events import Observer, Step, StepEvent, log_event
-from anonjoin._exceptions import ConfigurationError, ServiceError
-from anonjoin._protocol import THROTTLE_STATUSES, Action, Decision, classify, invalid_token
+from anonjoin._exceptions import ServiceError
+from anonjoin._protocol import THROTTLE_STATUSES, Action, classify
+
+__all__ = [
+    "Attempt",
+    "Clock",
+    "RejoinPolicy",
+    "RetryPolicy",
+    "StepRunner",
+    "StepStats",
+    "Throttle",
+    "exponential_backoff",
+]
 
 log = logging.getLogger("anonjoin.client")
 T = TypeVar("T")
-
-
-def exponential_backoff(attempt: int, initial: float, cap: float, jitter: float, rng: random.Random) -> float:
-    """``initial`` doubled per attempt after the first, at most ``cap``, plus up to ``jitter``."""
-    base = min(cap, initial * (2 ** max(0, attempt - 1)))
-    return float(base + (rng.uniform(0, jitter) if jitter else 0.0))
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How one step is retried. Every knob is named; the defaults live in ``anonjoin._constants``."""
-
-    attempts: int = C.ATTEMPTS
-    step_deadline_s: float = C.STEP_DEADLINE_S
-    guest_deadline_s: float = C.GUEST_DEADLINE_S
-    wait_initial: float = C.WAIT_INITIAL_S
-    wait_max: float = C.WAIT_MAX_S
-    jitter: float = C.WAIT_JITTER_S
-    retry_after_cap_s: float = C.RETRY_AFTER_CAP_S
-    request_timeout_s: float = C.REQUEST_TIMEOUT_S
-    connect_timeout_s: float = C.CONNECT_TIMEOUT_S
-    leave_deadline_s: float = C.LEAVE_DEADLINE_S
-    shared_throttle: bool = True
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ConfigurationError("RetryPolicy.attempts must be at least 1")
-        for name in (
-            "step_deadline_s",
-            "guest_deadline_s",
-            "request_timeout_s",
-            "connect_timeout_s",
-            "leave_deadline_s",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigurationError(f"RetryPolicy.{name} must be positive")
-        for name in ("wait_initial", "wait_max", "jitter", "retry_after_cap_s"):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"RetryPolicy.{name} must not be negative")
-
-    def backoff(self, attempt: int, rng: random.Random) -> float:
-        """The wait after failed attempt number ``attempt`` (1-based), before Retry-After."""
-        return exponential_backoff(attempt, self.wait_initial, self.wait_max, self.jitter, rng)
-
-
-@dataclass(frozen=True, slots=True)
-class RejoinPolicy:
-    """When and how often a joined guest comes back as the same guest (same applicationSessionId)."""
-
-    enabled: bool = True
-    attempts: int = C.REJOIN_ATTEMPTS
-    expiry_margin_s: float = C.EXPIRY_MARGIN_S
-    wait_initial: float = C.REJOIN_WAIT_INITIAL_S
-    wait_max: float = C.REJOIN_WAIT_MAX_S
-    jitter: float = C.REJOIN_JITTER_S
-    on_drop: bool = True
-    on_expiry: bool = True
-    min_psat_lifetime_s: float = C.MIN_PSAT_LIFETIME_S
-
-    def __post_init__(self) -> None:
-        if self.attempts < 0:
-            raise ConfigurationError("RejoinPolicy.attempts must not be negative")
-        if self.min_psat_lifetime_s < 0:
-            raise ConfigurationError("RejoinPolicy.min_psat_lifetime_s must not be negative")
-        if self.expiry_margin_s < 0 or self.wait_initial < 0 or self.wait_max < 0 or self.jitter < 0:
-            raise ConfigurationError("RejoinPolicy times must not be negative")
-
-    def backoff(self, attempt: int, rng: random.Random) -> float:
-        """The wait before consecutive recovery number ``attempt`` + 1."""
-        return exponential_backoff(attempt, self.wait_initial, self.wait_max, self.jitter, rng)
-
-    def margin_for(self, lifetime_s: float) -> float:
-        """The rejoin margin before expiry, at most a quarter of the token's lifetime."""
-        return min(self.expiry_margin_s, max(0.0, lifetime_s) * C.EXPIRY_MARGIN_FRACTION)
 
 
 @dataclass(slots=True)
@@ -157,18 +95,6 @@ class Attempt:
     connecting included."""
 
 
-@dataclass(slots=True)
-class StepStats:
-    """Per-step time and attempts of one join (feeds JoinResult.steps/attempts)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    attempts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, step: str, seconds: float) -> None:
-        self.seconds[step] = self.seconds.get(step, 0.0) + seconds
-        self.attempts[step] = self.attempts.get(step, 0) + 1
-
-
 class _StepRun:
     """The bookkeeping of one step's attempts (synchronous; the awaiting is in StepRunner.run)."""
 
@@ -176,13 +102,13 @@ class _StepRun:
         "attempts",
         "clock",
         "deadline",
-        "decide",
         "guest_id",
         "holdoff",
         "last",
         "next_wait",
         "observer",
         "per_request",
+        "preflight",
         "refresh_next",
         "refreshes",
         "report",
@@ -200,7 +126,7 @@ class _StepRun:
         deadline_at: float | None,
         stats: StepStats | None,
         timeout_s: float | None,
-        decide: Callable[[Step, BaseException], Decision],
+        preflight: bool,
         attempts: int | None = None,
     ) -> None:
         policy = runner.policy
@@ -211,7 +137,7 @@ class _StepRun:
         self.step = step
         self.guest_id = guest_id
         self.stats = stats
-        self.decide = decide
+        self.preflight = preflight
         self.per_request = timeout_s if timeout_s is not None else policy.request_timeout_s
         # A step whose one request may legitimately last longer than usual (the long poll, held by the
         # server for up to its timeout) gets that time on top of the step's budget for retries; otherwise
@@ -273,7 +199,9 @@ class _StepRun:
         if self.stats is not None:
             self.stats.add(self.step, took)
         self.last = exc
-        self.retry = self.runner._decide(self.step, exc, att.number, self.deadline, self, self.decide)
+        if att.status is not None:  # the service answered (a redirect, an error status): no preflight now
+            self.preflight = False
+        self.retry = self.runner._decide(self.step, exc, att.number, self.deadline, self)
         is_service = isinstance(exc, ServiceError)
         self.observer.step(
             StepEvent(
@@ -331,16 +259,17 @@ class StepRunner:
         deadline_at: float | None = None,
         stats: StepStats | None = None,
         timeout_s: float | None = None,
-        decide: Callable[[Step, BaseException], Decision] = classify,
         attempts: int | None = None,
         holdoff: dict[str, float] | None = None,
+        preflight: bool = False,
     ) -> T:
         """Run ``attempt_fn`` until it succeeds, the failure is not retryable, or a bound is hit.
 
         ``holdoff`` (one per guest): step -> the instant before which this guest sends no request of that
         step, because the service gave it a Retry-After (whichever request of the guest it was).
+        ``preflight``: the service has not answered yet (see :func:`classify`'s ``answered``).
         """
-        r = _StepRun(self, step, guest_id, deadline_at, stats, timeout_s, decide, attempts)
+        r = _StepRun(self, step, guest_id, deadline_at, stats, timeout_s, preflight, attempts)
         r.holdoff = holdoff
         if holdoff:
             await r.hold()
@@ -372,16 +301,11 @@ class StepRunner:
                 return await r.again(attempt.retry_state.attempt_number + 1, attempt_fn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _decide(
-        self,
-        step: Step,
-        exc: BaseException,
-        number: int,
-        deadline: float,
-        loop: _StepRun,
-        decide: Callable[[Step, BaseException], Decision],
-    ) -> bool:
-        d = decide(step, exc)
+    def _decide(self, step: Step, exc: BaseException, number: int, deadline: float, loop: _StepRun) -> bool:
+        """Whether to repeat the step: :func:`classify` says what the failure calls for; this applies the
+        attempt cap, the backoff (at least the Retry-After) and the deadline."""
+        refreshed = loop.refreshes >= C.AUTH_REFRESHES_PER_STEP
+        d = classify(step, exc, answered=not loop.preflight, refreshed=refreshed)
         policy, clock = self.policy, self.clock
         if loop.holdoff is not None and isinstance(exc, ServiceError) and exc.retry_after is not None:
             # whatever happens next (a retry, a rejoin, a DELETE), this guest honours the Retry-After
@@ -390,16 +314,10 @@ class StepRunner:
                 loop.holdoff[step] = until
         action = d.action
         if action is Action.REFRESH_AUTH:
-            if loop.refreshes < C.AUTH_REFRESHES_PER_STEP:
-                loop.refreshes += 1
-                loop.refresh_next = True
-                loop.next_wait = 0.0
-                return clock.monotonic() < deadline and number < loop.attempts
-            # Refreshed already. A 403 InvalidToken is known to hit valid tokens too, briefly (protocol.md
-            # §4.2): back off and try again with the fresh token; a 401 after a refresh is final.
-            if not invalid_token(exc):
-                return False
-            action = Action.RETRY
+            loop.refreshes += 1
+            loop.refresh_next = True
+            loop.next_wait = 0.0
+            return clock.monotonic() < deadline and number < loop.attempts
         if action is not Action.RETRY or number >= loop.attempts:
             return False
         wait = policy.backoff(number, clock.rng)

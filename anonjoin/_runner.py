@@ -52,7 +52,7 @@ from anonjoin._exceptions import (
 )
 from anonjoin._guest import Guest
 from anonjoin._metrics import Metrics
-from anonjoin._protocol import TERMINAL, GuestState
+from anonjoin._protocol import TERMINAL, GuestState, ended_not_failed
 from anonjoin._report import GuestRecord
 from anonjoin._retry import RejoinPolicy, RetryPolicy
 from anonjoin._service import CredentialLike
@@ -79,8 +79,8 @@ __all__ = [
 
 STORE_BATCH = 1000
 LEAVE_SLACK_S = 10.0
-STOP_GRACE_S = 5.0
 ENDED_BEFORE_JOIN = "DestinationNotFound (meeting ended)"
+STOP_GRACE_S = 5.0
 """After a stop, a join in flight gets this long to finish before it is cancelled; at the end of a hold, a
 rejoin in flight gets this long to settle before the guest leaves."""
 MAX_SCHEDULE_S = 7 * 24 * 3600.0
@@ -562,8 +562,7 @@ class LoadRunner:
             if (
                 rec is not None
                 and rec.outcome == "failed"
-                and slot.meeting_url in ended
-                and (rec.reason or "").startswith("DestinationNotFound")
+                and ended_not_failed(rec.reason, meeting_ended=slot.meeting_url in ended)
             ):
                 slot.record = dataclasses.replace(rec, outcome="ended", reason=ENDED_BEFORE_JOIN)
                 self.metrics.outcomes["failed"] -= 1
@@ -814,10 +813,8 @@ class LoadRunner:
             return
         if outcome == "ended":
             self._ended_meetings.add(slot.meeting_url)
-        elif (
-            outcome == "failed"
-            and slot.meeting_url in self._ended_meetings
-            and (reason or "").startswith("DestinationNotFound")
+        elif outcome == "failed" and ended_not_failed(
+            reason, meeting_ended=slot.meeting_url in self._ended_meetings
         ):
             outcome, reason = "ended", ENDED_BEFORE_JOIN
         slot.record = GuestRecord(
@@ -897,7 +894,8 @@ def failure_reason(exc: BaseException | None, reason: str | None = None) -> str:
     if isinstance(exc, ProtocolError):
         return f"ProtocolError at {exc.step}" if exc.step else "ProtocolError"
     if isinstance(exc, TransportError):
-        return f"{type(exc).__name__} at {exc.step}" if exc.step else type(exc).__name__
+        where = f"{type(exc).__name__} at {exc.step}" if exc.step else type(exc).__name__
+        return f"{where}: {exc.cause}" if exc.cause else where
     if isinstance(exc, AuthError):
         if exc.error:
             return f"AuthError: {exc.error}"

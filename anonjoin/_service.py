@@ -1,4 +1,9 @@
-"""The service application (SA): discover -> applications -> capabilities (shared), grants, adhoc meetings."""
+"""The service application (SA): discover -> applications -> capabilities (shared), grants, adhoc meetings.
+
+The Client's first discover is its preflight: until the service has answered once, a connection that cannot
+be made for a known reason (refused, DNS, a port without TLS) is final at once, with its cause, for every
+caller of this Client (:func:`anonjoin._protocol.classify` with ``answered=False``).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,19 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from yarl import URL
 
 from anonjoin import _constants as C
+from anonjoin._core.service import (
+    Capabilities,
+    discovery,
+    grant_from,
+    meeting_from,
+    stale_link,
+    token_body,
+)
 from anonjoin._events import Step, log_event
 from anonjoin._exceptions import (
     AnonJoinError,
@@ -21,31 +32,19 @@ from anonjoin._exceptions import (
     ConfigurationError,
     RequestNotSentError,
     ServiceError,
+    TransportError,
 )
 from anonjoin._http import HttpClient, Response, parse_http_date
 from anonjoin._models import (
     AdhocMeeting,
-    ApplicationBody,
     GuestGrant,
-    MeetingBody,
-    TokenBody,
-    _Resource,
-    conference_id_from,
-    embedded_links,
-    embedded_resource,
-    find_href,
-    parse_body,
-    psat_claims,
-    require_link,
-    resolve,
 )
+from anonjoin._protocol import Action, classify
 from anonjoin._retry import Attempt, Clock, StepRunner, StepStats
 
+__all__ = ["AccessTokenLike", "Capabilities", "CredentialLike", "ServiceApp"]
+
 log = logging.getLogger("anonjoin.client")
-
-
-_NOT_STALE = frozenset({"ApplicationNotFound", "DestinationNotFound"})
-"""404 subcodes that say something about the request, not about a stale capabilities link."""
 
 
 class AccessTokenLike(Protocol):
@@ -59,16 +58,6 @@ class CredentialLike(Protocol):
     async def token(self) -> Any: ...
     async def refresh(self, rejected: Any) -> Any: ...
     async def aclose(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Capabilities:
-    """What discover/applications/capabilities said; shared by every guest of the Client."""
-
-    application_url: URL
-    anon_tokens_url: URL | None
-    adhoc_meetings_url: URL | None
-    fetched_at: float
 
 
 class ServiceApp:
@@ -102,6 +91,8 @@ class ServiceApp:
         self._fetch_task: asyncio.Task[Capabilities] | None = None
         self._waiters = 0
         self._token: Any = None
+        self._answered = False  # the service has answered an SA request (retries are for such a service)
+        self._unreachable: TransportError | None = None  # the preflight's failure, if it failed
 
     # --- AAD ---------------------------------------------------------------------------------------
 
@@ -134,19 +125,31 @@ class ServiceApp:
         url: URL,
         *,
         guest_id: str | None = None,
-        body: Any = None,
+        body: bytes | None = None,
         stats: StepStats | None = None,
         deadline_at: float | None = None,
         holdoff: dict[str, float] | None = None,
     ) -> Coroutine[Any, Any, Response]:
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        data = body
 
         async def attempt(att: Attempt) -> Response:
             headers = await self._auth(att)
-            return await self._http.request(step, method, url, att, headers=headers, body=data)
+            try:
+                r = await self._http.request(step, method, url, att, headers=headers, body=data)
+            except ServiceError:
+                self._answered = True
+                raise
+            self._answered = True
+            return r
 
         return self._runner.run(
-            step, attempt, guest_id=guest_id, stats=stats, deadline_at=deadline_at, holdoff=holdoff
+            step,
+            attempt,
+            guest_id=guest_id,
+            stats=stats,
+            deadline_at=deadline_at,
+            holdoff=holdoff,
+            preflight=not self._answered,
         )
 
     # --- capabilities (single flight, shared) --------------------------------------------------------
@@ -158,6 +161,8 @@ class ServiceApp:
         caps = self._caps
         if caps is not None and self._clock.monotonic() - caps.fetched_at < C.CAPABILITIES_TTL_S:
             return caps
+        if self._unreachable is not None:  # the preflight failed: every caller gets its cause at once
+            raise self._unreachable.with_traceback(None)
         if self._inflight is None or self._inflight.done():
             fut: asyncio.Future[Capabilities] = asyncio.get_running_loop().create_future()
             self._inflight = fut
@@ -200,32 +205,26 @@ class ServiceApp:
             self._waiters -= 1
 
     async def _fetch(self, deadline_at: float | None) -> Capabilities:
-        r = await self._sa("discover", "GET", self._discover_url, deadline_at=deadline_at)
-        d = parse_body(_Resource, r.body, step="discover", status=r.status, correlation_id=r.correlation_id)
-        apps = require_link(
-            d.links, r.url, "applications", "myApplications", step="discover", status=r.status
-        )
-        apps = apps.update_query(endpointId=self._endpoint_id)
-        r = await self._sa("applications", "GET", apps, deadline_at=deadline_at)
-        a = parse_body(
-            _Resource, r.body, step="applications", status=r.status, correlation_id=r.correlation_id
-        )
-        app_url = require_link(a.links, r.url, "application", step="applications", status=r.status)
-        r = await self._sa("capabilities", "GET", app_url, deadline_at=deadline_at)
-        c = parse_body(
-            ApplicationBody, r.body, step="capabilities", status=r.status, correlation_id=r.correlation_id
-        )
-        tokens = find_href(c.links, "anonApplicationTokens")
-        adhoc = find_href(c.links, "adhocMeetings")
-        if adhoc is None:
-            res = embedded_resource(c.embedded, "adhocMeetings")
-            adhoc = find_href(embedded_links(res), "self") if res is not None else None
-        caps = Capabilities(
-            application_url=r.url,
-            anon_tokens_url=resolve(r.url, tokens, step="capabilities") if tokens else None,
-            adhoc_meetings_url=resolve(r.url, adhoc, step="capabilities") if adhoc else None,
-            fetched_at=self._clock.monotonic(),
-        )
+        preflight = not self._answered
+        steps = discovery(self._discover_url, self._endpoint_id, self._clock.monotonic())
+        answer: Response | None = None
+        try:
+            while True:
+                act = steps.send(answer)
+                answer = await self._sa(act.step, act.method, act.url, deadline_at=deadline_at)
+        except StopIteration as done:
+            caps: Capabilities = done.value
+        except TransportError as exc:
+            # The first discover of this Client is its preflight: a service that never answered and cannot
+            # be connected to for a known reason (refused, DNS, no TLS) is not retried, by this caller nor
+            # any later one (a new Client tries again).
+            if preflight and classify("discover", exc, answered=False).action is Action.FINAL:
+                exc.final = True
+                self._unreachable = exc
+                log_event(log, logging.WARNING, "anonjoin.preflight.failed", cause=exc.cause)
+            raise
+        finally:
+            steps.close()
         self._caps = caps
         log_event(
             log,
@@ -255,10 +254,7 @@ class ServiceApp:
         deadline_at: float | None = None,
         holdoff: dict[str, float] | None = None,
     ) -> GuestGrant:
-        origins = allowed_origins if isinstance(allowed_origins, str) else ";".join(allowed_origins)
-        body = {"applicationSessionId": application_session_id, "allowedOrigins": origins}
-        if meeting_url is not None:  # left out: a psat for the guest's identity only (not a meeting)
-            body["meetingUrl"] = meeting_url
+        body = token_body(meeting_url, allowed_origins, application_session_id)
         for refetch in (False, True):
             caps = await self.capabilities(deadline_at=deadline_at)
             if caps.anon_tokens_url is None:
@@ -275,35 +271,21 @@ class ServiceApp:
                     holdoff=holdoff,
                 )
             except ServiceError as exc:
-                if exc.status == 404 and exc.subcode not in _NOT_STALE and not refetch:
+                if stale_link("anon_tokens", exc, refetched=refetch):
                     self.invalidate()  # a stale link: refetch capabilities once
                     continue
                 raise
-            t = parse_body(
-                TokenBody, r.body, step="anon_tokens", status=r.status, correlation_id=r.correlation_id
-            )
-            discover = require_link(t.links, r.url, "discover", step="anon_tokens", status=r.status)
-            claims = psat_claims(t.token)
-            confid = claims.get("confid")
-            now = self._clock.time()
-            lifetime = None
-            if t.expiry_time is not None:
-                # against the service's clock (its Date header) where it gives one: skew does not count
-                server_now = parse_http_date(r.headers.get("Date"))
-                lifetime = t.expiry_time.timestamp() - (now if server_now is None else server_now)
-            return GuestGrant(
-                token=t.token,
-                expires_at=t.expiry_time or datetime.fromtimestamp(now, UTC),
-                lifetime_s=lifetime,
-                received_at=now,
-                discover_url=str(discover),
+            return grant_from(
+                r,
                 application_session_id=application_session_id,
-                meeting_url=meeting_url or "",
-                conference_id=confid if isinstance(confid, str) else None,
+                meeting_url=meeting_url,
+                now=self._clock.time(),
+                server_now=parse_http_date(r.headers.get("Date")),
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def create_meeting(self, body: dict[str, Any]) -> AdhocMeeting:
+        data = json.dumps(body, separators=(",", ":")).encode()
         for refetch in (False, True):
             caps = await self.capabilities()
             if caps.adhoc_meetings_url is None:
@@ -312,28 +294,11 @@ class ServiceApp:
             if "endpointId" not in url.query and "endpointid" not in url.query:
                 url = url.update_query(endpointId=self._endpoint_id)
             try:
-                r = await self._sa("adhoc_meetings", "POST", url, body=body)
+                r = await self._sa("adhoc_meetings", "POST", url, body=data)
             except ServiceError as exc:
-                if exc.status == 404 and not refetch:
+                if stale_link("adhoc_meetings", exc, refetched=refetch):
                     self.invalidate()
                     continue
                 raise
-            m = parse_body(
-                MeetingBody, r.body, step="adhoc_meetings", status=r.status, correlation_id=r.correlation_id
-            )
-            if not m.join_url:
-                from anonjoin._exceptions import ProtocolError
-
-                raise ProtocolError("meeting without joinUrl", step="adhoc_meetings", status=r.status)
-            resolve(r.url, m.join_url, step="adhoc_meetings")
-            return AdhocMeeting(
-                join_url=m.join_url,
-                conference_id=m.conference_id or conference_id_from(m.join_url),
-                online_meeting_uri=m.online_meeting_uri,
-                online_meeting_id=m.online_meeting_id,
-                organizer_uri=m.organizer_uri,
-                expiration_time=m.expiration_time,
-                subject=m.subject,
-                access_level=m.access_level,
-            )
+            return meeting_from(r)
         raise AssertionError("unreachable")  # pragma: no cover

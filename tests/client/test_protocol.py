@@ -28,6 +28,7 @@ from anonjoin._protocol import (
     Outcome,
     Signal,
     classify,
+    ended_not_failed,
     leave_without_meeting,
     settle,
     signal_of,
@@ -235,3 +236,58 @@ def test_any_event_batches_end_in_a_defined_state_or_a_protocol_error(
                 assert m.state in (GuestState.FAILED, GuestState.ENDED, GuestState.REJOINING)
                 return
     assert m.state in (GuestState.CONNECTING, GuestState.LOBBY, GuestState.JOINED)
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "situation", "action"),
+    [
+        # after one AAD refresh: a 401 is final, a 403 InvalidToken is retried like a transient failure
+        ("applications", _se(401, step="applications"), {"refreshed": True}, Action.FINAL),
+        ("applications", _se(403, "InvalidToken", step="applications"), {"refreshed": True}, Action.RETRY),
+        # a 404 on the SA's POSTs: a stale capabilities link is refetched once, unless the subcode is
+        # about the request itself
+        ("anon_tokens", _se(404, step="anon_tokens"), {}, Action.REFETCH),
+        ("anon_tokens", _se(404, step="anon_tokens"), {"refetched": True}, Action.FINAL),
+        ("anon_tokens", _se(404, "DestinationNotFound", step="anon_tokens"), {}, Action.FINAL),
+        ("anon_tokens", _se(404, "ApplicationNotFound", step="anon_tokens"), {}, Action.FINAL),
+        ("adhoc_meetings", _se(404, "ApplicationNotFound", step="adhoc_meetings"), {}, Action.REFETCH),
+        ("adhoc_meetings", _se(404, step="adhoc_meetings"), {"refetched": True}, Action.FINAL),
+        # a meeting the guest was in and no longer found has ended (final, not a failure)
+        (
+            "anon_tokens",
+            _se(404, "DestinationNotFound", step="anon_tokens"),
+            {"meeting_ended": True},
+            Action.ENDED,
+        ),
+        ("invitations", _se(404, "DestinationNotFound"), {"meeting_ended": True}, Action.ENDED),
+        ("invitations", _se(404, "DestinationNotFound"), {}, Action.FINAL),
+        # the preflight: a known connect failure on a service that never answered is final
+        (
+            "discover",
+            RequestNotSentError("x", cause="connection refused by h:1"),
+            {"answered": False},
+            Action.FINAL,
+        ),
+        ("discover", RequestNotSentError("x", cause="connection refused by h:1"), {}, Action.RETRY),
+        ("discover", RequestNotSentError("connect timeout"), {"answered": False}, Action.RETRY),
+    ],
+)
+def test_failure_action_table_in_context(
+    step: str, error: Exception, situation: dict[str, bool], action: Action
+) -> None:
+    assert classify(step, error, **situation).action is action  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("reason", "meeting_ended", "ended"),
+    [
+        ("DestinationNotFound", True, True),
+        ("DestinationNotFound", False, False),
+        ("Denied", True, False),
+        (None, True, False),
+    ],
+)
+def test_a_refused_join_of_an_ended_meeting_is_ended(
+    reason: str | None, meeting_ended: bool, ended: bool
+) -> None:
+    assert ended_not_failed(reason, meeting_ended=meeting_ended) is ended
