@@ -44,12 +44,23 @@ if TYPE_CHECKING:
         LoadResult,
         LoadRunner,
         RateFunction,
+        Shard,
         Steps,
         run_load,
     )
     from anonjoin._settings import TargetSettings
+    from anonjoin._sharded import (
+        InProcessEngine,
+        ShardEngine,
+        ShardJob,
+        ShardProgress,
+        run_shard_job,
+        run_sharded,
+    )
+    from anonjoin._shards import MergedRun, ShardResult, merge_results, read_shard_result
     from anonjoin._store import Lease, MemorySessionStore, SessionRecord, SessionStore, SqliteSessionStore
     from anonjoin._store_redis import RedisSessionStore
+    from anonjoin._workers import ProcessEngine
 
 
 # A library stays silent unless the application configures logging.
@@ -77,6 +88,7 @@ __all__ = [
     "GuestOutcome",
     "GuestState",
     "Hooks",
+    "InProcessEngine",
     "InsecureTarget",
     "JoinFailed",
     "JoinResult",
@@ -89,7 +101,9 @@ __all__ = [
     "LoadRunner",
     "MaybeSentError",
     "MemorySessionStore",
+    "MergedRun",
     "Metrics",
+    "ProcessEngine",
     "ProtocolError",
     "RateFunction",
     "RedisSessionStore",
@@ -99,6 +113,11 @@ __all__ = [
     "ServiceError",
     "SessionRecord",
     "SessionStore",
+    "Shard",
+    "ShardEngine",
+    "ShardJob",
+    "ShardProgress",
+    "ShardResult",
     "SqliteSessionStore",
     "Step",
     "StepEvent",
@@ -107,7 +126,11 @@ __all__ = [
     "TargetSettings",
     "TransportError",
     "__version__",
+    "merge_results",
+    "read_shard_result",
     "run_load",
+    "run_shard_job",
+    "run_sharded",
 ]
 
 # name -> the private module that defines it (imported on first access)
@@ -129,6 +152,7 @@ _LAZY: dict[str, str] = {
     "GuestOutcome": "anonjoin._models",
     "GuestState": "anonjoin._protocol",
     "Hooks": "anonjoin._events",
+    "InProcessEngine": "anonjoin._sharded",
     "JoinResult": "anonjoin._models",
     "Lease": "anonjoin._store",
     "LinearRamp": "anonjoin._runner",
@@ -136,19 +160,30 @@ _LAZY: dict[str, str] = {
     "LoadResult": "anonjoin._runner",
     "LoadRunner": "anonjoin._runner",
     "MemorySessionStore": "anonjoin._store",
+    "MergedRun": "anonjoin._shards",
     "Metrics": "anonjoin._metrics",
+    "ProcessEngine": "anonjoin._workers",
     "RateFunction": "anonjoin._runner",
     "RedisSessionStore": "anonjoin._store_redis",
     "RejoinPolicy": "anonjoin._retry",
     "RetryPolicy": "anonjoin._retry",
     "SessionRecord": "anonjoin._store",
     "SessionStore": "anonjoin._store",
+    "Shard": "anonjoin._runner",
+    "ShardEngine": "anonjoin._sharded",
+    "ShardJob": "anonjoin._sharded",
+    "ShardProgress": "anonjoin._sharded",
+    "ShardResult": "anonjoin._shards",
     "SqliteSessionStore": "anonjoin._store",
     "Step": "anonjoin._events",
     "StepEvent": "anonjoin._events",
     "Steps": "anonjoin._runner",
     "TargetSettings": "anonjoin._settings",
+    "merge_results": "anonjoin._shards",
+    "read_shard_result": "anonjoin._shards",
     "run_load": "anonjoin._runner",
+    "run_shard_job": "anonjoin._sharded",
+    "run_sharded": "anonjoin._sharded",
 }
 
 

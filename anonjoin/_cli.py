@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _registrations() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     found: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
     # Each module is optional while the package grows; a missing one simply has no sub-command.
-    for name in ("anonjoin.simulator._cli", "anonjoin._cli_join", "anonjoin._cli_load"):
+    for name in (
+        "anonjoin.simulator._cli",
+        "anonjoin._cli_join",
+        "anonjoin._cli_load",
+        "anonjoin._cli_merge",
+    ):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

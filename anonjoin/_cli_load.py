@@ -9,6 +9,11 @@ code); 1 when no guest joined or the run failed; 2 for a bad flag or setting;
 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP (128 + the signal; in each case arrivals stop, joined guests
 leave and the report is still written).
 
+``--workers N`` (``auto``: the usable cores) runs the plan in N worker processes, one shard each
+(:mod:`anonjoin._workers`); the parent prepares, stores, shows the summed progress and merges.
+``--shard K/S --start-at T --report FILE`` runs one shard against a target and writes its shard result for
+``anonjoin merge`` (a Kubernetes Indexed Job, a CI matrix).
+
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
 ``anonjoin rejoin --guest ID`` brings a guest back with the same id after a restart, and
@@ -60,6 +65,7 @@ from anonjoin._cli_common import (
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
 
 if TYPE_CHECKING:  # loaded when a command runs, not for --help
+    from anonjoin._runner import LoadPlan
     from anonjoin._settings import TargetSettings
     from anonjoin._store import SessionStore
 
@@ -157,6 +163,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help=f"allow more than {GUARD_GUESTS} guests against a target that is not on loopback",
     )
+    _sharding_flags(load)
     sim = load.add_argument_group("embedded simulator")
     sim.add_argument(
         "--faults",
@@ -403,6 +410,7 @@ def _load_sync(ns: argparse.Namespace) -> int:
     from anonjoin._report_html import render_html
 
     condition, schedule = _plan_inputs(ns)
+    workers = _check_sharding(ns, condition)
     check_store_path(ns.store)
     # Check the report paths first: a typo should not cost a whole run.
     for path in (ns.report, None if ns.no_html else ns.html):
@@ -414,7 +422,12 @@ def _load_sync(ns: argparse.Namespace) -> int:
                 raise ConfigurationError(f"cannot write the report {path}: {parent} is not a directory")
     signals: list[str] = []
     with stop_signals_deferred("load", signals) as reinstall:
-        report = asyncio.run(_load(ns, condition, schedule, signals, reinstall))
+        if ns.shard is not None:  # one shard of a run: its shard result, merged later by anonjoin merge
+            return _load_one_shard(ns, schedule, signals, reinstall)
+        if workers > 1:
+            report = asyncio.run(_load_workers(ns, workers, condition, schedule, signals, reinstall))
+        else:
+            report = asyncio.run(_load(ns, condition, schedule, signals, reinstall))
         written = [str(write_json(Path(ns.report).expanduser(), report))]
         if not ns.no_html:
             written.append(str(write_text(Path(ns.html).expanduser(), render_html(report))))
@@ -426,6 +439,12 @@ def _load_sync(ns: argparse.Namespace) -> int:
         return EXIT_THRESHOLDS
     if report["guests"] and not report["joined"]:
         _error_line("load", "no guest joined")
+        return EXIT_FAILED
+    if report.get("shards", {}).get("missing"):
+        lost = ", ".join(f"{k}/{report['shards']['count']}" for k in report["shards"]["missing"])
+        _error_line(
+            "load", f"shard {lost} lost ({report['shards']['reason']}): its guests are counted cancelled"
+        )
         return EXIT_FAILED
     return EXIT_OK
 
@@ -448,7 +467,7 @@ async def _load(
     from anonjoin._progress import ProgressDisplay
     from anonjoin._report import build_report, plural
     from anonjoin._retry import RetryPolicy
-    from anonjoin._runner import LoadPlan, LoadRunner, check_against_service, pool_size, run_load
+    from anonjoin._runner import LoadRunner, check_against_service, run_load
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -490,38 +509,7 @@ async def _load(
         async with _target(ns, settings) as target:
             t = target.settings
             assert t.discover_url and t.endpoint_id and t.meeting_url and t.origin
-            meetings = ns.meetings or (DEFAULT_SIM_MEETINGS if target.embedded else 1)
-            shared_throttle = (not target.embedded) if ns.shared_throttle is None else ns.shared_throttle
-            plan = LoadPlan(
-                guests=ns.guests,
-                meeting_urls=(t.meeting_url,),
-                origin=t.origin,
-                concurrency=ns.concurrency,
-                schedule=schedule,
-                hold_s=ns.hold,
-                display_name=display,
-                guest_prefix=ns.guest_prefix,
-                lobby_timeout_s=ns.lobby_timeout,
-            )
-            run_settings: dict[str, Any] = {
-                "target": target.label,
-                "guests": ns.guests,
-                "concurrency": ns.concurrency,
-                "connection_pool": pool_size(ns.concurrency),
-                "schedule": _describe_schedule(ns),
-                "hold_s": ns.hold,
-                "meetings": meetings,
-                "shared_throttle": shared_throttle,
-                "faults": ns.faults if target.embedded else None,
-                "seed": ns.seed if target.embedded else None,
-                "origin": t.origin,
-                "display_name": display,
-                "guest_prefix": ns.guest_prefix,
-                "lobby_timeout_s": ns.lobby_timeout,
-                "store": store_label(ns.store),
-                "fail_if": ns.fail_if,
-                "endpoint_id": t.endpoint_id,
-            }
+            plan, meetings, shared_throttle, run_settings = _run_inputs(ns, target, schedule, display)
             print(
                 f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
                 f"over {meetings} meeting(s) of {target.label}",
@@ -572,6 +560,49 @@ async def _load(
     )
 
 
+def _run_inputs(
+    ns: argparse.Namespace, target: _Target, schedule: Any, display: str
+) -> tuple[LoadPlan, int, bool, dict[str, Any]]:
+    """The plan of ``anonjoin load``, its meeting count, the shared throttle and the report's settings."""
+    from anonjoin._runner import LoadPlan, pool_size
+
+    t = target.settings
+    assert t.meeting_url and t.origin
+    meetings = ns.meetings or (DEFAULT_SIM_MEETINGS if target.embedded else 1)
+    shared_throttle = (not target.embedded) if ns.shared_throttle is None else ns.shared_throttle
+    plan = LoadPlan(
+        guests=ns.guests,
+        meeting_urls=(t.meeting_url,),
+        origin=t.origin,
+        concurrency=ns.concurrency,
+        schedule=schedule,
+        hold_s=ns.hold,
+        display_name=display,
+        guest_prefix=ns.guest_prefix,
+        lobby_timeout_s=ns.lobby_timeout,
+    )
+    run_settings: dict[str, Any] = {
+        "target": target.label,
+        "guests": ns.guests,
+        "concurrency": ns.concurrency,
+        "connection_pool": pool_size(ns.concurrency),
+        "schedule": _describe_schedule(ns),
+        "hold_s": ns.hold,
+        "meetings": meetings,
+        "shared_throttle": shared_throttle,
+        "faults": ns.faults if target.embedded else None,
+        "seed": ns.seed if target.embedded else None,
+        "origin": t.origin,
+        "display_name": display,
+        "guest_prefix": ns.guest_prefix,
+        "lobby_timeout_s": ns.lobby_timeout,
+        "store": store_label(ns.store),
+        "fail_if": ns.fail_if,
+        "endpoint_id": t.endpoint_id,
+    }
+    return plan, meetings, shared_throttle, run_settings
+
+
 def _describe_schedule(ns: argparse.Namespace) -> str:
     if ns.rate:
         return f"constant {ns.rate:g} guests/s"
@@ -614,6 +645,331 @@ def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
     lines.extend(f"  warning: {w}" for w in report.get("warnings", ()))
     lines.append("  report: " + ", ".join(written))
     print("\n".join(lines), flush=True)
+
+
+# -- anonjoin load --workers N and --shard K/S: sharded runs ---------------------------------------
+
+START_AT_TOLERANCE_S = 2.0
+"""How far in the past ``--start-at`` may be (a shard that starts later would burst its late arrivals)."""
+
+
+def _workers_count(text: str) -> int:
+    """``--workers``: a count, or ``auto`` (the cores this process may use)."""
+    if text.strip().lower() == "auto":
+        from anonjoin._workers import usable_cores
+
+        return usable_cores()
+    return positive_int(text)
+
+
+def _sharding_flags(load: argparse.ArgumentParser) -> None:
+    group = load.add_argument_group("sharded runs")
+    group.add_argument(
+        "--workers",
+        type=_workers_count,
+        default=1,
+        metavar="N|auto",
+        help="run the plan in N worker processes of this machine, one shard each (auto: the usable cores; "
+        "default 1: one process)",
+    )
+    group.add_argument(
+        "--shard",
+        metavar="K/S",
+        help="run only shard K (from 0) of S of the plan and write its shard result to --report, for "
+        "anonjoin merge (needs a target and --start-at)",
+    )
+    group.add_argument(
+        "--start-at",
+        metavar="T",
+        help="the common start of every shard: Unix seconds or an ISO-8601 time (UTC unless it says)",
+    )
+
+
+def parse_start_at(text: str, *, now: float | None = None) -> float:
+    """``--start-at``: Unix seconds or ISO-8601; refused (``ConfigurationError``) when already past."""
+    import datetime as dt
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ConfigurationError(
+                f"--start-at {text!r}: give Unix seconds (1767225600) or an ISO-8601 time "
+                "(2026-01-01T00:00:00Z)"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        value = when.timestamp()
+    if not math.isfinite(value):
+        raise ConfigurationError(f"--start-at {text!r}: not a time")
+    now = time.time() if now is None else now
+    if value < now - START_AT_TOLERANCE_S:
+        raise ConfigurationError(
+            f"--start-at {text!r} is {now - value:.1f} s in the past: every shard must start before it "
+            "(give a time a little ahead, e.g. $(( $(date +%s) + 30 )))"
+        )
+    return value
+
+
+def _check_sharding(ns: argparse.Namespace, condition: Any) -> int:
+    """The sharding flags' rules (``ConfigurationError``: exit 2); the worker count to run with."""
+    from anonjoin._runner import Shard
+
+    if ns.shard is None:
+        if ns.start_at is not None:
+            raise ConfigurationError("--start-at applies to --shard K/S only")
+        if ns.workers > 1 and ns.concurrency < ns.workers:
+            raise ConfigurationError(
+                f"--workers {ns.workers} needs --concurrency of at least {ns.workers} (one join slot each)"
+            )
+        return int(ns.workers)
+    ns.shard_of = Shard.parse(ns.shard)
+    if ns.workers > 1:
+        raise ConfigurationError("--shard runs one shard in this process: it takes no --workers")
+    if ns.start_at is None:
+        raise ConfigurationError(
+            "--shard needs --start-at T, the same for every shard (their arrivals follow one schedule)"
+        )
+    if ns.meetings is not None and ns.meetings > 1:
+        raise ConfigurationError(
+            "a shard does not create meetings (every shard must join the same ones): give the meeting with "
+            "--meeting-url, or run without --shard"
+        )
+    if condition is not None:
+        raise ConfigurationError("--fail-if applies to the merged result: give it to anonjoin merge")
+    if ns.concurrency < ns.shard_of.count:
+        raise ConfigurationError(
+            f"{ns.shard_of.count} shards need --concurrency of at least {ns.shard_of.count} "
+            "(the whole run's; each shard takes its part)"
+        )
+    ns.start_at_s = parse_start_at(ns.start_at)
+    return 1
+
+
+@contextlib.contextmanager
+def _stops_on_signals(signals: list[str], stop: Callable[[], None]) -> Iterator[None]:
+    """While the run's loop runs: a stop signal is recorded in ``signals``, announced, and calls ``stop``."""
+    loop = asyncio.get_running_loop()
+    seen = len(signals)
+
+    def on_signal(signame: str) -> None:
+        nonlocal seen
+        seen += 1
+        signals.append(signame)
+        if seen == 1:
+            print(
+                f"\nanonjoin load: {signame}: stopping: no more arrivals, joined guests are leaving; "
+                "the report will be written",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print("anonjoin load: still stopping (leaving is bounded)", file=sys.stderr, flush=True)
+        stop()
+
+    installed: list[signal.Signals] = []
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+            installed.append(sig)
+    if signals:  # a signal came before the loop's handlers: stop at once
+        stop()
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _load_workers(
+    ns: argparse.Namespace,
+    workers: int,
+    condition: Any,
+    schedule: Any,
+    signals: list[str],
+    reinstall: Callable[[], None],
+) -> dict[str, Any]:
+    """``anonjoin load --workers N``: the plan in N shards, one worker process each
+    (:mod:`anonjoin._workers`), prepared, stored and merged here; the embedded simulator, if any, runs
+    here and serves them all."""
+    from anonjoin._progress import ProgressDisplay
+    from anonjoin._report import build_report, plural
+    from anonjoin._retry import RetryPolicy
+    from anonjoin._runner import check_against_service
+    from anonjoin._sharded import ShardProgress, run_sharded
+    from anonjoin._workers import ProcessEngine
+
+    display = ns.display_name or "anonjoin guest {n}"
+    settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
+    guarded = is_target(settings) and ns.guests > GUARD_GUESTS and not ns.i_own_this_service
+    if guarded:
+        _judge_hosts(ns.guests, (settings.discover_url, settings.authority))
+    store = await open_store_ready(ns.store)
+    engine = ProcessEngine(workers)
+    try:
+        with _stops_on_signals(signals, engine.cancel):
+            async with _target(ns, settings) as target:
+                plan, meetings, shared_throttle, run_settings = _run_inputs(ns, target, schedule, display)
+                run_settings["workers"] = workers
+                print(
+                    f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
+                    f"over {meetings} meeting(s) of {target.label}, in {workers} worker processes",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                live = ShardProgress(ns.guests, workers)
+                async with ProgressDisplay(live, mode=ns.progress, interval_s=ns.progress_interval):
+                    merged = await run_sharded(
+                        plan,
+                        engine,
+                        target=target.settings,
+                        store=store,
+                        shards=workers,
+                        retry=RetryPolicy(shared_throttle=shared_throttle),
+                        meetings=meetings,
+                        check_links=partial(_judge_hosts, ns.guests) if guarded else None,
+                        settings=run_settings,
+                        on_progress=live.update,
+                    )
+                service_check = (
+                    check_against_service(merged.guests, target.simulator.snapshot())
+                    if target.simulator is not None
+                    else None
+                )
+    finally:
+        reinstall()
+        await store.aclose()
+    report = build_report(
+        merged.metrics,
+        merged.guests,
+        merged.settings,
+        started_at=merged.started_at,
+        interrupted=merged.interrupted or bool(signals),
+        fail_if=condition,
+        warnings=merged.warnings,
+        service_check=service_check,
+    )
+    report["shards"] = _shards_section(merged, engine.lost_reason)
+    return report
+
+
+def _shards_section(merged: Any, reason: str) -> dict[str, Any]:
+    """The report's ``shards``: how many the run had and which gave no result (their guests: cancelled)."""
+    return {
+        "count": merged.shards,
+        "missing": list(merged.missing),
+        "reason": reason if merged.missing else None,
+    }
+
+
+def _load_one_shard(
+    ns: argparse.Namespace, schedule: Any, signals: list[str], reinstall: Callable[[], None]
+) -> int:
+    """``anonjoin load --shard K/S --start-at T``: this shard's result (JSON) to ``--report``; no HTML."""
+    from anonjoin._report import plural, write_json
+
+    result = asyncio.run(_run_one_shard(ns, schedule, signals, reinstall))
+    path = write_json(Path(ns.report).expanduser(), result.to_json())
+    counts = {"joined": 0, "failed": 0, "ended": 0, "cancelled": 0}
+    for g in result.guests:
+        counts[g.outcome] = counts.get(g.outcome, 0) + 1
+    print(
+        f"anonjoin load: shard {result.shard}: {plural(len(result.guests), 'guest')}: "
+        + ", ".join(f"{v} {k}" for k, v in counts.items())
+        + f"\n  shard result: {path} (merge the shards with anonjoin merge)",
+        flush=True,
+    )
+    if result.interrupted or signals:
+        return exit_code_for_signal(signals[0]) if signals else EXIT_INTERRUPTED
+    if result.guests and not counts["joined"]:
+        _error_line("load", "no guest of this shard joined")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _run_one_shard(
+    ns: argparse.Namespace, schedule: Any, signals: list[str], reinstall: Callable[[], None]
+) -> Any:
+    import dataclasses
+
+    from anonjoin._metrics import Metrics
+    from anonjoin._progress import ProgressDisplay
+    from anonjoin._retry import RetryPolicy
+    from anonjoin._runner import LoadRunner, run_load
+    from anonjoin._shards import ShardResult
+
+    display = ns.display_name or "anonjoin guest {n}"
+    settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
+    if not is_target(settings):
+        raise ConfigurationError(
+            "--shard needs a target (the shards of a run share one service, so no embedded simulator): "
+            "give --discover-url and the other target flags, the ANONJOIN_* environment or --config "
+            "(anonjoin simulate runs a simulator they can share)"
+        )
+    guarded = ns.guests > GUARD_GUESTS and not ns.i_own_this_service
+    if guarded:
+        _judge_hosts(ns.guests, (settings.discover_url, settings.authority))
+    store = await open_store_ready(ns.store)
+    runners: list[LoadRunner] = []
+
+    def stop() -> None:
+        for runner in runners:
+            runner.cancel()
+
+    def on_runner(runner: LoadRunner) -> None:
+        runners.append(runner)
+        if signals:
+            runner.cancel()
+
+    try:
+        with _stops_on_signals(signals, stop):
+            async with _target(ns, settings) as target:
+                t = target.settings
+                assert t.discover_url and t.endpoint_id
+                plan, _meetings, shared_throttle, run_settings = _run_inputs(ns, target, schedule, display)
+                plan = dataclasses.replace(plan, shard=ns.shard_of)
+                print(
+                    f"anonjoin load: shard {plan.shard} ({plural_guests(plan.shard_guests)} of {ns.guests}), "
+                    f"{plan.shard_concurrency} in flight at most, of {target.label}, starting at "
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ns.start_at_s))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                metrics = Metrics(guests=plan.shard_guests, seed=ns.seed)
+                credential = t.credential()
+                try:
+                    async with ProgressDisplay(metrics, mode=ns.progress, interval_s=ns.progress_interval):
+                        result = await run_load(
+                            plan,
+                            discover_url=t.discover_url,
+                            endpoint_id=t.endpoint_id,
+                            credential=credential,
+                            ca_file=t.ca_file,
+                            verify_tls=t.verify_tls(),
+                            store=store,
+                            lease_s=lease_for(store),
+                            metrics=metrics,
+                            retry=RetryPolicy(shared_throttle=shared_throttle),
+                            on_runner=on_runner,
+                            check_links=partial(_judge_hosts, ns.guests) if guarded else None,
+                            start_at=ns.start_at_s,
+                        )
+                finally:
+                    await credential.aclose()
+    finally:
+        reinstall()
+        await store.aclose()
+    run_settings["shard"] = str(plan.shard)
+    return ShardResult.of(result, plan, start_at=ns.start_at_s, settings=run_settings)
+
+
+def plural_guests(n: int) -> str:
+    from anonjoin._report import plural
+
+    return plural(n, "guest")
 
 
 # -- anonjoin rejoin -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Literal, TextIO
+from typing import Literal, Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -19,6 +19,15 @@ from anonjoin._metrics import Metrics
 from anonjoin._metrics import Progress as Snapshot
 
 __all__ = ["ProgressDisplay", "ProgressMode", "format_line", "pick_mode"]
+
+
+class ProgressSource(Protocol):
+    """What the display reads: a :class:`Metrics`, or the summed view of a sharded run's workers."""
+
+    guests: int
+
+    def progress(self) -> Snapshot: ...
+
 
 ProgressMode = Literal["auto", "bar", "plain", "off"]
 BAR_REFRESH_S = 0.25
@@ -52,7 +61,7 @@ class ProgressDisplay:
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: Metrics | ProgressSource,
         *,
         stream: TextIO | None = None,
         mode: ProgressMode = "auto",

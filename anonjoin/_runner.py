@@ -273,11 +273,16 @@ class Shard:
         try:
             if not sep:
                 raise ValueError
-            return cls(int(k), int(n))
+            index, count = int(k), int(n)
         except ValueError:
             raise ConfigurationError(
                 f"--shard {text!r}: write K/S, the shard's index from 0 and the number of shards (0/2, 1/2)"
             ) from None
+        if count < 1 or not 0 <= index < count:
+            raise ConfigurationError(
+                f"--shard {text!r}: need S >= 1 and 0 <= K < S (here 0/{n} to {count - 1}/{n})"
+            )
+        return cls(index, count)
 
     def owns(self, n: int) -> bool:
         return (n - 1) % self.count == self.index

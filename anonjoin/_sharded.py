@@ -243,8 +243,8 @@ class ShardProgress:
         total: dict[str, Any] = {}
         for field in dataclasses.fields(Snapshot):
             name = field.name
-            if name == "elapsed_s":
-                total[name] = max([s.elapsed_s for s in snaps], default=self._clock() - self._t0)
+            if name == "elapsed_s":  # since the parent began (never backwards while shards start)
+                total[name] = max([self._clock() - self._t0, *(s.elapsed_s for s in snaps)])
             elif name == "guests":
                 total[name] = self.guests
             else:
@@ -359,5 +359,8 @@ async def run_sharded(
     if not got:
         raise AnonJoinError(f"no shard of the run came back ({engine.lost_reason})")
     merged = merge_results(got, shards=shards, missing_reason=engine.lost_reason)
+    for i, rec in enumerate(merged.guests):  # a lost shard's guests keep the ids the parent gave them
+        if not rec.application_session_id and rec.guest_id in ids:
+            merged.guests[i] = dataclasses.replace(rec, application_session_id=ids[rec.guest_id])
     await save_outcomes(store, merged)
     return merged
