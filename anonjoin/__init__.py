@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from anonjoin._metrics import Metrics
     from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
     from anonjoin._protocol import GuestState
+    from anonjoin._ray import RayEngine
     from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
     from anonjoin._runner import (
         ArrivalSchedule,
@@ -106,6 +107,7 @@ __all__ = [
     "ProcessEngine",
     "ProtocolError",
     "RateFunction",
+    "RayEngine",
     "RedisSessionStore",
     "RejoinPolicy",
     "RequestNotSentError",
@@ -164,6 +166,7 @@ _LAZY: dict[str, str] = {
     "Metrics": "anonjoin._metrics",
     "ProcessEngine": "anonjoin._workers",
     "RateFunction": "anonjoin._runner",
+    "RayEngine": "anonjoin._ray",
     "RedisSessionStore": "anonjoin._store_redis",
     "RejoinPolicy": "anonjoin._retry",
     "RetryPolicy": "anonjoin._retry",
