@@ -386,6 +386,9 @@ class RayEngine:
                 if s.result.done():
                     s.done = True
                     out[k] = self._collect(ray, k, s.result)
+                    if out[k] is None:  # an unavailable actor may still be running: it must not go on
+                        with contextlib.suppress(Exception):
+                            ray.kill(s.actor, no_restart=True)
                     continue
                 self._poll(ray, k, s, now, on_progress)
                 if now - s.answered_at > self._lost_after:
