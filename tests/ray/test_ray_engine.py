@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from ray_cluster import RayCluster, require_ray, two_node_cluster
 
-from anonjoin import ConfigurationError
+from anonjoin import AnonJoinError, ConfigurationError
 from anonjoin._cli_common import simulator_settings
 from anonjoin._metrics import Progress as Snapshot
 from anonjoin._ray import RayEngine
@@ -105,6 +105,28 @@ def test_an_unreachable_address_is_a_one_line_error_at_once() -> None:
         RayEngine("127.0.0.1:1").connect()
 
 
+async def test_an_actor_that_stops_answering_is_lost_and_killed_not_waited_for(
+    ray_cluster: RayCluster, sim: Simulator
+) -> None:
+    # lost_after_s=0: no progress answer can come soon enough, so every shard is given up at the first tick
+    engine = RayEngine(ray_cluster.address, shards=2, progress_interval_s=0.05, lost_after_s=0.0)
+    with pytest.raises(AnonJoinError, match=r"no shard of the run came back \(actor lost\)"):
+        await asyncio.wait_for(
+            run_sharded(
+                _plan(sim, 50, hold_s=30.0),
+                engine,
+                target=simulator_settings(sim.info, display_name="g"),
+                store=MemorySessionStore(),
+                shards=2,
+                retry=FAST_RETRY,
+                start_slack_s=0.2,
+            ),
+            timeout=30,
+        )
+    assert sorted(engine.failures) == [0, 1]
+    assert all(r == "actor lost: no answer for 0 s" for r in engine.failures.values())
+
+
 async def test_a_node_removed_mid_run_is_a_lost_shard_and_the_rest_merge(
     ray_cluster: RayCluster, sim: Simulator
 ) -> None:
@@ -121,8 +143,8 @@ async def test_a_node_removed_mid_run_is_a_lost_shard_and_the_rest_merge(
         await asyncio.wait_for(both_joining.wait(), timeout=30)
         await asyncio.to_thread(ray_cluster.cluster.remove_node, ray_cluster.worker)
 
-    # 200 guests over ~5 s, each held 3 s: the node goes while both shards are mid-run
-    plan = _plan(sim, 200, hold_s=3.0, schedule=ConstantRate(40))
+    # 200 guests over ~3 s, each held 2 s: the node goes while both shards are mid-run
+    plan = _plan(sim, 200, hold_s=2.0, schedule=ConstantRate(60))
     remover = asyncio.ensure_future(remove_worker_node())
     merged = await asyncio.wait_for(
         run_sharded(
