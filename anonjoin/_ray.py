@@ -299,6 +299,13 @@ class RayEngine:
             )
             for node in self.nodes
         ]
+        # The actors are placed while the nodes answer (their processes start meanwhile); no job is sent
+        # to them before every node has passed the check.
+        actor_class = ray.remote(ShardActor).options(
+            num_cpus=1, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD"
+        )
+        self._actors = [actor_class.remote() for _ in range(shards)]
+        placing = [_future(ray, a.ready.remote()) for a in self._actors]
         seen = await self._bounded(probes, "the version check of the Ray nodes")
         checked: list[RayNode] = []
         for node, got in zip(self.nodes, seen, strict=True):
@@ -310,11 +317,7 @@ class RayEngine:
             checked.append(dataclasses.replace(node, anonjoin_version=got[0]))
         self.nodes = checked
         self._check_versions(checked)
-        actor_class = ray.remote(ShardActor).options(
-            num_cpus=1, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD"
-        )
-        self._actors = [actor_class.remote() for _ in range(shards)]
-        ready = await self._bounded([_future(ray, a.ready.remote()) for a in self._actors], "the actors")
+        ready = await self._bounded(placing, "the actors")
         for k, got in enumerate(ready):
             if isinstance(got, BaseException):
                 raise AnonJoinError(f"the Ray actor of shard {k}/{shards} did not start: {_one_line(got)}")
