@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
     from anonjoin._prometheus import MetricsCollector, serve_metrics
     from anonjoin._protocol import GuestState
+    from anonjoin._ray import RayEngine
     from anonjoin._report import GuestRecord, build_report
     from anonjoin._report_formats import write_report
     from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
@@ -118,6 +119,7 @@ __all__ = [
     "ProcessEngine",
     "ProtocolError",
     "RateFunction",
+    "RayEngine",
     "RedisSessionStore",
     "RejoinPolicy",
     "RequestNotSentError",
@@ -182,6 +184,7 @@ _LAZY: dict[str, str] = {
     "MetricsCollector": "anonjoin._prometheus",
     "ProcessEngine": "anonjoin._workers",
     "RateFunction": "anonjoin._runner",
+    "RayEngine": "anonjoin._ray",
     "RedisSessionStore": "anonjoin._store_redis",
     "RejoinPolicy": "anonjoin._retry",
     "RetryPolicy": "anonjoin._retry",

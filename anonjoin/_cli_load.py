@@ -13,7 +13,9 @@ leave and the report is still written).
 ``--workers N`` (``auto``: the usable cores) runs the plan in N worker processes, one shard each
 (:mod:`anonjoin._workers`); the parent prepares, stores, shows the summed progress and merges.
 ``--shard K/S --start-at T --report FILE`` runs one shard against a target and writes its shard result for
-``anonjoin merge`` (a Kubernetes Indexed Job, a CI matrix).
+``anonjoin merge`` (a Kubernetes Indexed Job, a CI matrix). ``--ray ADDRESS [--shards S]`` runs the shards
+as actors of an existing Ray cluster (:mod:`anonjoin._ray`, the ``anonjoin[ray]`` extra; S defaults to the
+cluster's CPUs), prepared, stored and merged here in the same way.
 
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
@@ -78,6 +80,7 @@ from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, reda
 if TYPE_CHECKING:  # loaded when a command runs, not for --help
     from anonjoin._runner import LoadPlan
     from anonjoin._settings import TargetSettings
+    from anonjoin._sharded import ShardEngine
     from anonjoin._store import SessionStore
 
 __all__ = ["register", "run_load_command", "run_rejoin_command", "run_sessions_command"]
@@ -227,6 +230,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"allow more than {GUARD_GUESTS} guests against a target that is not on loopback",
     )
     _sharding_flags(load)
+    _ray_flags(load)
     sim = load.add_argument_group("embedded simulator")
     sim.add_argument(
         "--faults",
@@ -534,6 +538,7 @@ def _load_sync(ns: argparse.Namespace) -> int:
 
     condition, schedule = _plan_inputs(ns)
     workers = _check_sharding(ns, condition)
+    _check_ray_flags(ns, workers)
     check_store_path(ns.store)
     html = None if ns.no_html else ns.html
     csv_files = csv_paths(ns.csv) if ns.csv else ()
@@ -549,7 +554,7 @@ def _load_sync(ns: argparse.Namespace) -> int:
     with stop_signals_deferred("load", signals) as reinstall:
         if ns.shard is not None:  # one shard of a run: its shard result, merged later by anonjoin merge
             return _load_one_shard(ns, schedule, signals, reinstall)
-        if workers > 1:
+        if workers > 1 or ns.ray is not None:
             report = asyncio.run(_load_workers(ns, workers, condition, schedule, signals, reinstall))
         else:
             report = asyncio.run(_load(ns, condition, schedule, signals, reinstall))
@@ -962,7 +967,6 @@ async def _load_workers(
     from anonjoin._retry import RetryPolicy
     from anonjoin._runner import check_against_service
     from anonjoin._sharded import ShardProgress, run_sharded
-    from anonjoin._workers import ProcessEngine
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -970,7 +974,11 @@ async def _load_workers(
     if guarded:
         _judge_hosts(ns.guests, (settings.discover_url, settings.authority))
     store = await open_store_ready(ns.store)
-    engine = ProcessEngine(workers)
+    try:
+        engine, shards, where, engine_settings = _engine_for(ns, workers, embedded=not is_target(settings))
+    except BaseException:
+        await store.aclose()
+        raise
     try:
         with _stops_on_signals(signals, engine.cancel):
             async with _target(ns, settings) as target:
@@ -978,22 +986,22 @@ async def _load_workers(
                 plan, meetings, shared_throttle, run_settings = _run_inputs(
                     ns, target, schedule, display, run_id
                 )
-                run_settings["workers"] = workers
+                run_settings.update(engine_settings)
                 print(
                     f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
-                    f"over {meetings} meeting(s) of {target.label}, in {workers} worker processes; "
+                    f"over {meetings} meeting(s) of {target.label}, {where}; "
                     f"run id {run_id} (--run-id to resume it)",
                     file=sys.stderr,
                     flush=True,
                 )
-                live = ShardProgress(ns.guests, workers)
+                live = ShardProgress(ns.guests, shards)
                 async with ProgressDisplay(live, mode=ns.progress, interval_s=ns.progress_interval):
                     merged = await run_sharded(
                         plan,
                         engine,
                         target=target.settings,
                         store=store,
-                        shards=workers,
+                        shards=shards,
                         retry=RetryPolicy(shared_throttle=shared_throttle),
                         meetings=meetings,
                         check_links=partial(_judge_hosts, ns.guests) if guarded else None,
@@ -1007,6 +1015,8 @@ async def _load_workers(
                 )
     finally:
         reinstall()
+        with contextlib.suppress(Exception):
+            getattr(engine, "disconnect", lambda: None)()  # a Ray connection made for the shard count
         await store.aclose()
     report = build_report(
         merged.metrics,
@@ -1020,6 +1030,80 @@ async def _load_workers(
     )
     report["shards"] = _shards_section(merged, engine.lost_reason)
     return report
+
+
+def _ray_flags(load: argparse.ArgumentParser) -> None:
+    group = load.add_argument_group("many machines: Ray (pip install 'anonjoin[ray]')")
+    group.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the shards as actors of an existing Ray cluster (ray start --head ...): auto, HOST:PORT or "
+        "ray://HOST:PORT; every node needs this anonjoin",
+    )
+    group.add_argument(
+        "--shards",
+        type=positive_int,
+        metavar="S",
+        help="with --ray: S shards, one actor (one CPU) each (default: the cluster's CPUs, at most the "
+        "guests and the concurrency)",
+    )
+
+
+def _check_ray_flags(ns: argparse.Namespace, workers: int) -> None:
+    """``--ray``/``--shards`` against the other ways to shard (``ConfigurationError``: exit 2)."""
+    if ns.ray is None:
+        if ns.shards is not None:
+            raise ConfigurationError("--shards applies to --ray (for processes of this machine: --workers N)")
+        return
+    if workers > 1:
+        raise ConfigurationError("--ray and --workers are two ways to run the shards: give one")
+    if ns.shard is not None:
+        raise ConfigurationError("--shard runs one shard in this process: it takes no --ray")
+
+
+def _engine_for(
+    ns: argparse.Namespace, workers: int, *, embedded: bool
+) -> tuple[ShardEngine, int, str, dict[str, Any]]:
+    """The engine of a sharded run: worker processes (``--workers N``) or Ray actors (``--ray``).
+
+    Returns the engine, its shard count, a few words for the start line, and what the report's settings
+    say about it. With ``--ray`` this attaches to the cluster (for its CPU count): ``ConfigurationError``
+    for bad flags or a cluster that cannot take the run, before any request to the target.
+    """
+    if ns.ray is None:
+        from anonjoin._workers import ProcessEngine
+
+        return ProcessEngine(workers), workers, f"in {workers} worker processes", {"workers": workers}
+    from anonjoin._ray import RayEngine
+
+    engine = RayEngine(ns.ray, shards=ns.shards, verbose=bool(ns.verbose))
+    try:
+        engine.connect()
+        cpus = engine.cluster_cpus
+        if cpus < 1:
+            raise ConfigurationError(f"the Ray cluster at {redact(ns.ray)} has no CPU for an actor")
+        shards = ns.shards if ns.shards is not None else min(cpus, ns.guests, ns.concurrency)
+        if shards > cpus:
+            raise ConfigurationError(
+                f"--shards {shards} needs {shards} CPUs of the Ray cluster (one actor each); it has {cpus}"
+            )
+        if ns.concurrency < shards:
+            raise ConfigurationError(
+                f"--shards {shards} needs --concurrency of at least {shards} (one join slot each)"
+            )
+        elsewhere = engine.nodes_elsewhere() if embedded else []
+        if elsewhere:
+            raise ConfigurationError(
+                f"the embedded simulator listens on this machine's loopback, which the Ray node "
+                f"{elsewhere[0].address} cannot reach: give a target (--discover-url ...)"
+            )
+    except BaseException:
+        engine.disconnect()
+        raise
+    engine.shards = shards
+    nodes = len(engine.nodes)
+    where = f"in {shards} Ray actors over {nodes} node(s) of {redact(ns.ray)}"
+    return engine, shards, where, {"ray": redact(ns.ray), "ray_nodes": nodes}
 
 
 def _shards_section(merged: Any, reason: str) -> dict[str, Any]:

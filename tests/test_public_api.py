@@ -38,3 +38,13 @@ def test_the_report_can_be_built_and_written_with_public_names(tmp_path: Path) -
     assert json.loads((tmp_path / "r.json").read_text())["schema"] == report["schema"]
     assert "s3cr3t" not in (tmp_path / "r.json").read_text()
     assert "failed: Denied" in (tmp_path / "r.xml").read_text()
+
+
+def test_the_ray_engine_is_public_without_importing_ray() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, anonjoin; anonjoin.RayEngine; assert 'ray' not in sys.modules, 'ray imported'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert anonjoin.RayEngine.__module__ == "anonjoin._ray"

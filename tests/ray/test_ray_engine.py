@@ -1,0 +1,176 @@
+"""RayEngine on a real two-node cluster: a run in two actors merged, a version mismatch refused before any
+guest, and a node removed mid-run reported as a lost shard (the rest merged, no hang).
+
+The node-loss test is last: it takes the worker node away from the module's cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from ray_cluster import RayCluster, require_ray, two_node_cluster
+
+from anonjoin import AnonJoinError, ConfigurationError
+from anonjoin._cli_common import simulator_settings
+from anonjoin._metrics import Progress as Snapshot
+from anonjoin._ray import RayEngine
+from anonjoin._retry import RejoinPolicy, RetryPolicy
+from anonjoin._runner import ConstantRate, LoadPlan
+from anonjoin._sharded import ShardProgress, run_sharded
+from anonjoin._store import MemorySessionStore
+from anonjoin.simulator import Simulator
+
+require_ray()
+
+FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
+FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, min_psat_lifetime_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    yield from two_node_cluster()
+
+
+def _plan(sim: Simulator, guests: int, **kw: object) -> LoadPlan:
+    info = sim.info
+    return LoadPlan(guests=guests, meeting_urls=(info.meeting_url,), origin=info.origin, concurrency=20, **kw)  # type: ignore[arg-type]
+
+
+async def test_200_guests_in_two_actors_on_two_nodes_merge_into_the_whole_run(
+    ray_cluster: RayCluster, sim: Simulator
+) -> None:
+    engine = RayEngine(ray_cluster.address, shards=2, progress_interval_s=0.05)
+    live = ShardProgress(200, 2)
+    store = MemorySessionStore()
+    merged = await run_sharded(
+        _plan(sim, 200, hold_s=0.2),
+        engine,
+        target=simulator_settings(sim.info, display_name="g"),
+        store=store,
+        shards=2,
+        retry=FAST_RETRY,
+        rejoin=FAST_REJOIN,
+        meetings=2,
+        on_progress=live.update,
+        start_slack_s=0.2,
+    )
+    assert merged.missing == []
+    assert [g.outcome for g in merged.guests] == ["joined"] * 200
+    assert len({g.guest_id for g in merged.guests}) == 200
+    assert merged.metrics.first_joins == 200 and merged.metrics.join.count == 200
+    assert live.progress().joined == 200  # the driver polled both actors' counters
+    # one actor per node (SPREAD, one CPU each), both nodes checked for their anonjoin
+    assert sorted(engine.placement) == sorted(n.node_id for n in engine.nodes)
+    assert ray_cluster.worker.node_id in engine.placement
+    assert {n.anonjoin_version for n in engine.nodes} == {engine.expected_version}
+    ids = {r.guest_id: r.application_session_id for r in await store.list()}
+    assert {g.guest_id: g.application_session_id for g in merged.guests} == ids
+    snapshot = sim.snapshot()
+    assert snapshot["applications"]["live"] == 0
+    assert len(snapshot["applications"]["created_by_asi"]) == 200
+    import ray
+
+    assert not ray.is_initialized()  # disconnected at the end; the cluster itself is the fixture's
+
+
+async def test_a_node_with_another_anonjoin_is_refused_before_any_guest(
+    ray_cluster: RayCluster, sim: Simulator
+) -> None:
+    engine = RayEngine(ray_cluster.address, shards=2, expected_version="0.0.0-not-this-one")
+    with pytest.raises(ConfigurationError, match=r"runs anonjoin .*, this driver 0\.0\.0-not-this-one"):
+        await run_sharded(
+            _plan(sim, 10),
+            engine,
+            target=simulator_settings(sim.info, display_name="g"),
+            store=MemorySessionStore(),
+            shards=2,
+            retry=FAST_RETRY,
+        )
+    assert engine.placement == []  # no job was sent (the actors placed meanwhile were killed)
+    assert sim.snapshot()["applications"]["created_by_asi"] == {}
+
+
+async def test_more_shards_than_cluster_cpus_is_a_one_line_error(ray_cluster: RayCluster) -> None:
+    engine = RayEngine(ray_cluster.address, shards=3)
+    with pytest.raises(ConfigurationError, match=r"3 shards need 3 CPUs of the Ray cluster .* has 2 on 2"):
+        async with engine:
+            pass
+
+
+def test_an_unreachable_address_is_a_one_line_error_at_once() -> None:
+    with pytest.raises(ConfigurationError, match=r"cannot attach to the Ray cluster at 127\.0\.0\.1:1"):
+        RayEngine("127.0.0.1:1").connect()
+
+
+async def test_an_actor_that_stops_answering_is_lost_and_killed_not_waited_for(
+    ray_cluster: RayCluster, sim: Simulator
+) -> None:
+    # lost_after_s=0: no progress answer can come soon enough, so every shard is given up at the first tick
+    engine = RayEngine(ray_cluster.address, shards=2, progress_interval_s=0.05, lost_after_s=0.0)
+    with pytest.raises(AnonJoinError, match=r"no shard of the run came back \(actor lost\)"):
+        await asyncio.wait_for(
+            run_sharded(
+                _plan(sim, 50, hold_s=30.0),
+                engine,
+                target=simulator_settings(sim.info, display_name="g"),
+                store=MemorySessionStore(),
+                shards=2,
+                retry=FAST_RETRY,
+                start_slack_s=0.2,
+            ),
+            timeout=30,
+        )
+    assert sorted(engine.failures) == [0, 1]
+    assert all(r == "actor lost: no answer for 0 s" for r in engine.failures.values())
+
+
+async def test_a_node_removed_mid_run_is_a_lost_shard_and_the_rest_merge(
+    ray_cluster: RayCluster, sim: Simulator
+) -> None:
+    engine = RayEngine(ray_cluster.address, shards=2, progress_interval_s=0.05)
+    joined: dict[int, int] = {}
+    both_joining = asyncio.Event()
+
+    def on_progress(k: int, snap: Snapshot) -> None:
+        joined[k] = snap.joined
+        if len(joined) == 2 and min(joined.values()) > 0:
+            both_joining.set()
+
+    async def remove_worker_node() -> None:
+        await asyncio.wait_for(both_joining.wait(), timeout=30)
+        await asyncio.to_thread(ray_cluster.cluster.remove_node, ray_cluster.worker)
+
+    # 200 guests over ~3 s, each held 2 s: the node goes while both shards are mid-run
+    plan = _plan(sim, 200, hold_s=2.0, schedule=ConstantRate(60))
+    remover = asyncio.ensure_future(remove_worker_node())
+    merged = await asyncio.wait_for(
+        run_sharded(
+            plan,
+            engine,
+            target=simulator_settings(sim.info, display_name="g"),
+            store=MemorySessionStore(),
+            shards=2,
+            retry=FAST_RETRY,
+            rejoin=FAST_REJOIN,
+            on_progress=on_progress,
+            start_slack_s=0.2,
+        ),
+        timeout=60,
+    )
+    await remover
+    lost = engine.placement.index(ray_cluster.worker.node_id)
+    kept = 1 - lost
+    assert merged.missing == [lost]
+    assert engine.lost_reason == "actor lost"
+    assert engine.failures[lost].startswith("actor lost")
+    by_shard = {k: [g for n, g in enumerate(merged.guests, 1) if (n - 1) % 2 == k] for k in (0, 1)}
+    assert len(merged.guests) == 200
+    assert {(g.outcome, g.reason) for g in by_shard[lost]} == {("cancelled", "actor lost")}
+    assert {g.outcome for g in by_shard[kept]} == {"joined"}
+    assert merged.metrics.outcomes["cancelled"] == 100 and merged.metrics.first_joins == 100
+    assert any("no result from shard" in w and "actor lost" in w for w in merged.warnings)
+    report_guests = [dataclasses.asdict(g) for g in merged.guests]
+    assert all(g["guest_id"] for g in report_guests)
