@@ -28,19 +28,20 @@ from anonjoin._exceptions import (
 from anonjoin._version import __version__
 
 if TYPE_CHECKING:
-    from anonjoin._auth import AccessToken, CertificateCredential, ClientSecretCredential, Credential
-    from anonjoin._client import Client
-    from anonjoin._events import ChannelEvent, Event, GuestEvent, Hooks, Step, StepEvent
-    from anonjoin._guest import Guest
-    from anonjoin._metrics import Metrics
-    from anonjoin._models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
-    from anonjoin._prometheus import MetricsCollector, serve_metrics
-    from anonjoin._protocol import GuestState
-    from anonjoin._ray import RayEngine
-    from anonjoin._report import GuestRecord, build_report
-    from anonjoin._report_formats import write_report
-    from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy
-    from anonjoin._runner import (
+    from anonjoin._async.auth import AccessToken, CertificateCredential, ClientSecretCredential, Credential
+    from anonjoin._async.client import Client
+    from anonjoin._async.guest import Guest
+    from anonjoin._async.retry import Clock, RejoinPolicy, RetryPolicy
+    from anonjoin._async.settings import TargetSettings
+    from anonjoin._core.events import ChannelEvent, Event, GuestEvent, Hooks, Step, StepEvent
+    from anonjoin._core.models import AdhocMeeting, GuestGrant, GuestOutcome, JoinResult
+    from anonjoin._core.protocol import GuestState
+    from anonjoin._load.metrics import Metrics
+    from anonjoin._load.prometheus import MetricsCollector, serve_metrics
+    from anonjoin._load.ray import RayEngine
+    from anonjoin._load.report import GuestRecord, build_report
+    from anonjoin._load.report_formats import write_report
+    from anonjoin._load.runner import (
         ArrivalSchedule,
         ConstantRate,
         LinearRamp,
@@ -52,8 +53,7 @@ if TYPE_CHECKING:
         Steps,
         run_load,
     )
-    from anonjoin._settings import TargetSettings
-    from anonjoin._sharded import (
+    from anonjoin._load.sharded import (
         InProcessEngine,
         ShardEngine,
         ShardJob,
@@ -61,8 +61,8 @@ if TYPE_CHECKING:
         run_shard_job,
         run_sharded,
     )
-    from anonjoin._shards import MergedRun, ShardResult, merge_results, read_shard_result
-    from anonjoin._store import (
+    from anonjoin._load.shards import MergedRun, ShardResult, merge_results, read_shard_result
+    from anonjoin._load.store import (
         Lease,
         MemorySessionStore,
         SessionRecord,
@@ -70,8 +70,8 @@ if TYPE_CHECKING:
         SessionStore,
         SqliteSessionStore,
     )
-    from anonjoin._store_redis import RedisSessionStore
-    from anonjoin._workers import ProcessEngine
+    from anonjoin._load.store_redis import RedisSessionStore
+    from anonjoin._load.workers import ProcessEngine
 
 
 # A library stays silent unless the application configures logging.
@@ -153,62 +153,62 @@ __all__ = [
 
 # name -> the private module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
-    "AccessToken": "anonjoin._auth",
-    "AdhocMeeting": "anonjoin._models",
-    "ArrivalSchedule": "anonjoin._runner",
-    "CertificateCredential": "anonjoin._auth",
-    "ChannelEvent": "anonjoin._events",
-    "Client": "anonjoin._client",
-    "ClientSecretCredential": "anonjoin._auth",
-    "Clock": "anonjoin._retry",
-    "ConstantRate": "anonjoin._runner",
-    "Credential": "anonjoin._auth",
-    "Event": "anonjoin._events",
-    "Guest": "anonjoin._guest",
-    "GuestEvent": "anonjoin._events",
-    "GuestGrant": "anonjoin._models",
-    "GuestOutcome": "anonjoin._models",
-    "GuestRecord": "anonjoin._report",
-    "GuestState": "anonjoin._protocol",
-    "Hooks": "anonjoin._events",
-    "InProcessEngine": "anonjoin._sharded",
-    "JoinResult": "anonjoin._models",
-    "Lease": "anonjoin._store",
-    "LinearRamp": "anonjoin._runner",
-    "LoadPlan": "anonjoin._runner",
-    "LoadResult": "anonjoin._runner",
-    "LoadRunner": "anonjoin._runner",
-    "MemorySessionStore": "anonjoin._store",
-    "MergedRun": "anonjoin._shards",
-    "Metrics": "anonjoin._metrics",
-    "MetricsCollector": "anonjoin._prometheus",
-    "ProcessEngine": "anonjoin._workers",
-    "RateFunction": "anonjoin._runner",
-    "RayEngine": "anonjoin._ray",
-    "RedisSessionStore": "anonjoin._store_redis",
-    "RejoinPolicy": "anonjoin._retry",
-    "RetryPolicy": "anonjoin._retry",
-    "SessionRecord": "anonjoin._store",
-    "SessionScope": "anonjoin._store",
-    "SessionStore": "anonjoin._store",
-    "Shard": "anonjoin._runner",
-    "ShardEngine": "anonjoin._sharded",
-    "ShardJob": "anonjoin._sharded",
-    "ShardProgress": "anonjoin._sharded",
-    "ShardResult": "anonjoin._shards",
-    "SqliteSessionStore": "anonjoin._store",
-    "Step": "anonjoin._events",
-    "StepEvent": "anonjoin._events",
-    "Steps": "anonjoin._runner",
-    "TargetSettings": "anonjoin._settings",
-    "build_report": "anonjoin._report",
-    "run_load": "anonjoin._runner",
-    "serve_metrics": "anonjoin._prometheus",
-    "write_report": "anonjoin._report_formats",
-    "merge_results": "anonjoin._shards",
-    "read_shard_result": "anonjoin._shards",
-    "run_shard_job": "anonjoin._sharded",
-    "run_sharded": "anonjoin._sharded",
+    "AccessToken": "anonjoin._async.auth",
+    "AdhocMeeting": "anonjoin._core.models",
+    "ArrivalSchedule": "anonjoin._load.runner",
+    "CertificateCredential": "anonjoin._async.auth",
+    "ChannelEvent": "anonjoin._core.events",
+    "Client": "anonjoin._async.client",
+    "ClientSecretCredential": "anonjoin._async.auth",
+    "Clock": "anonjoin._async.retry",
+    "ConstantRate": "anonjoin._load.runner",
+    "Credential": "anonjoin._async.auth",
+    "Event": "anonjoin._core.events",
+    "Guest": "anonjoin._async.guest",
+    "GuestEvent": "anonjoin._core.events",
+    "GuestGrant": "anonjoin._core.models",
+    "GuestOutcome": "anonjoin._core.models",
+    "GuestRecord": "anonjoin._load.report",
+    "GuestState": "anonjoin._core.protocol",
+    "Hooks": "anonjoin._core.events",
+    "InProcessEngine": "anonjoin._load.sharded",
+    "JoinResult": "anonjoin._core.models",
+    "Lease": "anonjoin._load.store",
+    "LinearRamp": "anonjoin._load.runner",
+    "LoadPlan": "anonjoin._load.runner",
+    "LoadResult": "anonjoin._load.runner",
+    "LoadRunner": "anonjoin._load.runner",
+    "MemorySessionStore": "anonjoin._load.store",
+    "MergedRun": "anonjoin._load.shards",
+    "Metrics": "anonjoin._load.metrics",
+    "MetricsCollector": "anonjoin._load.prometheus",
+    "ProcessEngine": "anonjoin._load.workers",
+    "RateFunction": "anonjoin._load.runner",
+    "RayEngine": "anonjoin._load.ray",
+    "RedisSessionStore": "anonjoin._load.store_redis",
+    "RejoinPolicy": "anonjoin._async.retry",
+    "RetryPolicy": "anonjoin._async.retry",
+    "SessionRecord": "anonjoin._load.store",
+    "SessionScope": "anonjoin._load.store",
+    "SessionStore": "anonjoin._load.store",
+    "Shard": "anonjoin._load.runner",
+    "ShardEngine": "anonjoin._load.sharded",
+    "ShardJob": "anonjoin._load.sharded",
+    "ShardProgress": "anonjoin._load.sharded",
+    "ShardResult": "anonjoin._load.shards",
+    "SqliteSessionStore": "anonjoin._load.store",
+    "Step": "anonjoin._core.events",
+    "StepEvent": "anonjoin._core.events",
+    "Steps": "anonjoin._load.runner",
+    "TargetSettings": "anonjoin._async.settings",
+    "build_report": "anonjoin._load.report",
+    "run_load": "anonjoin._load.runner",
+    "serve_metrics": "anonjoin._load.prometheus",
+    "write_report": "anonjoin._load.report_formats",
+    "merge_results": "anonjoin._load.shards",
+    "read_shard_result": "anonjoin._load.shards",
+    "run_shard_job": "anonjoin._load.sharded",
+    "run_sharded": "anonjoin._load.sharded",
 }
 
 

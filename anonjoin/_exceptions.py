@@ -219,7 +219,8 @@ class ProtocolError(AnonJoinError):
 
 class InsecureTarget(ProtocolError):
     """A request carrying a token (AAD bearer or psat) would go over http, or to a host outside the
-    service's trusted set (see ``anonjoin._http``): refused before anything is sent. Final, never retried."""
+    service's trusted set (see ``anonjoin._async.http``): refused before anything is sent. Final, never
+    retried."""
 
 
 class CapabilityNotAvailable(AnonJoinError):

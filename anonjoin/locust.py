@@ -47,7 +47,7 @@ from urllib.parse import urlencode
 
 from yarl import URL
 
-from anonjoin import _constants as C
+from anonjoin._core import constants as C
 from anonjoin._core.conversation import (
     Conversation,
     DeleteApp,
@@ -60,11 +60,15 @@ from anonjoin._core.conversation import (
     Poll,
     Send,
 )
+from anonjoin._core.events import Step
+from anonjoin._core.models import (
+    GuestGrant,
+)
 from anonjoin._core.policy import RejoinPolicy, RetryPolicy
+from anonjoin._core.protocol import STEP_FOR_STATE, Action, GuestState, classify
 from anonjoin._core.service import Capabilities, discovery, grant_from, stale_link, token_body
 from anonjoin._core.trust import TrustedHosts
 from anonjoin._core.wire import service_error
-from anonjoin._events import Step
 from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
@@ -76,10 +80,6 @@ from anonjoin._exceptions import (
     RequestNotSentError,
     ServiceError,
 )
-from anonjoin._models import (
-    GuestGrant,
-)
-from anonjoin._protocol import STEP_FOR_STATE, Action, GuestState, classify
 from anonjoin._version import __version__
 
 __all__ = ["AnonJoinUser"]
@@ -122,8 +122,8 @@ def _retry_after(value: str | None) -> float | None:
 
 class _Http:
     """One step's requests over a user's FastHttpSession: the token rule, one 307 followed, the step's
-    retries as :func:`anonjoin._protocol.classify` and the :class:`RetryPolicy` say (Retry-After honoured),
-    and typed errors. Each request is one Locust request event named by its step."""
+    retries as :func:`anonjoin._core.protocol.classify` and the :class:`RetryPolicy` say (Retry-After
+    honoured), and typed errors. Each request is one Locust request event named by its step."""
 
     def __init__(self, session: Any, trusted: TrustedHosts, policy: RetryPolicy) -> None:
         self.session = session

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from anonjoin import Client, Guest, GuestEvent, Hooks
-from anonjoin._auth import ClientSecretCredential
+from anonjoin._async.auth import ClientSecretCredential
 from anonjoin._exceptions import redact
-from anonjoin._runner import LoadPlan, LoadResult, LoadRunner, run_load
+from anonjoin._load.runner import LoadPlan, LoadResult, LoadRunner, run_load
 from benchmarks._chain import Target
 from benchmarks._harness import percentile, self_rss_bytes
 from benchmarks._raw import RawClient, RawGuest

@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from anonjoin._tls import LeanTLSConnector
+from anonjoin._async.tls import LeanTLSConnector
 from benchmarks._chain import JSON, ChainError, Target, link
 
 POLL_RELEASE_S = 5.0

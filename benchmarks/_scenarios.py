@@ -86,7 +86,7 @@ def anonjoin_client_available() -> bool:
 
 def anonjoin_runner_available() -> bool:
     try:
-        return hasattr(importlib.import_module("anonjoin._runner"), "run_load")
+        return hasattr(importlib.import_module("anonjoin._load.runner"), "run_load")
     except ImportError:
         return False
 
@@ -241,7 +241,7 @@ def overhead(env: Env, sizes: Sizes, profile: str | None = None) -> dict[str, An
     if anonjoin_runner_available():
         clients.append("anonjoin")
     else:
-        skipped["anonjoin"] = "anonjoin._runner.run_load is not importable"
+        skipped["anonjoin"] = "anonjoin._load.runner.run_load is not importable"
     if anonjoin_client_available():
         clients.append("client")
     else:

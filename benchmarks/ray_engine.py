@@ -18,11 +18,11 @@ import statistics
 import time
 from typing import Any
 
-from anonjoin._cli_common import simulator_settings
-from anonjoin._ray import RayEngine
-from anonjoin._runner import LoadPlan
-from anonjoin._sharded import InProcessEngine, ShardEngine, run_sharded
-from anonjoin._store import MemorySessionStore
+from anonjoin._cli.common import simulator_settings
+from anonjoin._load.ray import RayEngine
+from anonjoin._load.runner import LoadPlan
+from anonjoin._load.sharded import InProcessEngine, ShardEngine, run_sharded
+from anonjoin._load.store import MemorySessionStore
 from anonjoin.simulator import Simulator, SimulatorConfig
 
 

@@ -58,9 +58,9 @@ def _env() -> dict[str, str]:
 
 def synthetic_run(guests: int = GUESTS) -> tuple[Any, list[Any]]:
     """Metrics and guest records as a run of ``guests`` guests leaves them (deterministic)."""
-    from anonjoin._events import StepEvent
-    from anonjoin._metrics import Metrics
-    from anonjoin._report import GuestRecord
+    from anonjoin._core.events import StepEvent
+    from anonjoin._load.metrics import Metrics
+    from anonjoin._load.report import GuestRecord
 
     now = [1000.0]
     metrics = Metrics(guests=guests, clock=lambda: now[0], seed=1)
@@ -90,8 +90,8 @@ def synthetic_run(guests: int = GUESTS) -> tuple[Any, list[Any]]:
 
 def report_cpu_s() -> float:
     """CPU seconds of building the JSON and HTML reports of a fresh synthetic 300-guest run."""
-    from anonjoin._report import build_report
-    from anonjoin._report_html import render_html
+    from anonjoin._load.report import build_report
+    from anonjoin._load.report_html import render_html
 
     metrics, records = synthetic_run()
     start = time.process_time()

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from anonjoin._store import MemorySessionStore, SessionStore, SqliteSessionStore
+from anonjoin._load.store import MemorySessionStore, SessionStore, SqliteSessionStore
 
 MEETING = "https://meet.example.test/org/BENCH"
 START_TIMEOUT_S = 10.0
@@ -105,7 +105,7 @@ async def measure(store: SessionStore, n: int) -> dict[str, float]:
 
 
 async def main_async(ops: int, url: str) -> None:
-    from anonjoin._store_redis import RedisSessionStore
+    from anonjoin._load.store_redis import RedisSessionStore
 
     with tempfile.TemporaryDirectory() as tmp:
         stores: list[tuple[str, SessionStore]] = [

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from anonjoin._cli import build_parser, main
-from anonjoin._cli_common import Default, HelpFormatter
+from anonjoin._cli.common import Default, HelpFormatter
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

@@ -47,4 +47,4 @@ def test_the_ray_engine_is_public_without_importing_ray() -> None:
     code = "import sys, anonjoin; anonjoin.RayEngine; assert 'ray' not in sys.modules, 'ray imported'"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert anonjoin.RayEngine.__module__ == "anonjoin._ray"
+    assert anonjoin.RayEngine.__module__ == "anonjoin._load.ray"

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-HEAVY = ("aiohttp", "msal", "hdrh", "rich", "pydantic_settings", "prometheus_client", "anonjoin._runner",
-         "anonjoin._report_html", "anonjoin._client", "anonjoin.simulator._server")  # fmt: skip
+HEAVY = ("aiohttp", "msal", "hdrh", "rich", "pydantic_settings", "prometheus_client", "anonjoin._load.runner",
+         "anonjoin._load.report_html", "anonjoin._async.client", "anonjoin.simulator._server")  # fmt: skip
 
 PROBE = """
 import json, sys
@@ -42,14 +42,14 @@ def test_help_loads_nothing_heavy(command: str) -> None:
         "        pass"
     )
     loaded = _loaded(body)
-    assert "anonjoin._cli_join" in loaded  # the probe sees the modules it should
+    assert "anonjoin._cli.join" in loaded  # the probe sees the modules it should
     assert [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY] == []
 
 
 def test_import_anonjoin_is_lazy_and_the_names_still_resolve() -> None:
     assert [m for m in _loaded("import anonjoin") if m in HEAVY or m.split(".")[0] in HEAVY] == []
     loaded = _loaded("import anonjoin\nanonjoin.Client\nfrom anonjoin import run_load")
-    assert "anonjoin._client" in loaded and "anonjoin._runner" in loaded
+    assert "anonjoin._async.client" in loaded and "anonjoin._load.runner" in loaded
     import anonjoin
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):

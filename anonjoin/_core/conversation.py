@@ -12,7 +12,7 @@ The conversation is fed what happened and answers with what to do; it never wait
 - Effects are returned as data: :class:`Emit` a guest event, :class:`Publish` a channel event,
   :class:`Joined`, :class:`DeleteApp` (a DELETE in the background before an expiry rejoin).
 
-It holds every decision of a guest: the state machine (:data:`anonjoin._protocol.TRANSITIONS`), the
+It holds every decision of a guest: the state machine (:data:`anonjoin._core.protocol.TRANSITIONS`), the
 recovery ladder and its budget (the rejoin policy's attempts), when a restart keeps its deadline, the
 expiry / lobby / deadline timers (as instants it returns), drop handling, which application to delete when
 leaving and with which psat, and the request bodies. Time is one convention: monotonic seconds, passed in
@@ -31,19 +31,9 @@ from typing import Literal, Protocol, cast, get_args
 
 from yarl import URL
 
-from anonjoin import _constants as C
-from anonjoin._core.policy import RejoinPolicy, StepStats
-from anonjoin._events import ChannelEvent, GuestEventKind, Step, log_event
-from anonjoin._exceptions import (
-    AnonJoinError,
-    JoinFailed,
-    ProtocolError,
-    RequestNotSentError,
-    ServiceError,
-    TransportError,
-    redact_url,
-)
-from anonjoin._models import (
+from anonjoin._core import constants as C
+from anonjoin._core.events import ChannelEvent, GuestEventKind, Step, log_event
+from anonjoin._core.models import (
     ApplicationBody,
     DiscoverBody,
     EventsBody,
@@ -58,7 +48,8 @@ from anonjoin._models import (
     require_link,
     resolve,
 )
-from anonjoin._protocol import (
+from anonjoin._core.policy import RejoinPolicy, StepStats
+from anonjoin._core.protocol import (
     SIGNAL_INPUT,
     TRANSITIONS,
     Action,
@@ -75,6 +66,15 @@ from anonjoin._protocol import (
     settle,
     signal_of,
     transient,
+)
+from anonjoin._exceptions import (
+    AnonJoinError,
+    JoinFailed,
+    ProtocolError,
+    RequestNotSentError,
+    ServiceError,
+    TransportError,
+    redact_url,
 )
 
 __all__ = [
@@ -104,7 +104,7 @@ _STEPS: frozenset[str] = frozenset(get_args(Step.__value__))
 
 
 class ResponseLike(Protocol):
-    """What the conversation reads of an answer (``anonjoin._http.Response`` fits)."""
+    """What the conversation reads of an answer (``anonjoin._async.http.Response`` fits)."""
 
     @property
     def status(self) -> int: ...
@@ -643,7 +643,7 @@ class Conversation:
 
     def poll_answered(self, r: ResponseLike, took_s: float) -> tuple[EventsBody, URL, float, str | None]:
         """An event poll's answer: its batch, the next poll's URL, the wait before sending it (an idle
-        channel, :func:`~anonjoin._protocol.poll_wait`) and the special link followed (resync/resume)."""
+        channel, :func:`~anonjoin._core.protocol.poll_wait`) and the special link followed (resync/resume)."""
         body = parse_body(EventsBody, r.body, step="events", status=r.status, correlation_id=r.correlation_id)
         nxt = find_href(body.links, "next")
         idle = nxt is None or not any(sender.events for sender in body.sender)
@@ -748,7 +748,7 @@ class Conversation:
 
     def psat_valid(self, grant: GuestGrant, now: float) -> bool:
         """Whether ``grant`` (the guest's or its leave psat) still has life in it, as bounded by
-        :func:`~anonjoin._protocol.plan_expiry` from the instant it arrived."""
+        :func:`~anonjoin._core.protocol.plan_expiry` from the instant it arrived."""
         if grant is self.grant:
             until = self.grant_until
         elif grant is self.leave_grant:

@@ -1,5 +1,5 @@
-"""The retry knobs, named in frozen policies (defaults in ``anonjoin._constants``), and a join's step
-bookkeeping. No I/O: the asyncio driver (``anonjoin._retry``) runs the steps with these.
+"""The retry knobs, named in frozen policies (defaults in ``anonjoin._core.constants``), and a join's step
+bookkeeping. No I/O: the asyncio driver (``anonjoin._async.retry``) runs the steps with these.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from anonjoin import _constants as C
+from anonjoin._core import constants as C
 from anonjoin._exceptions import ConfigurationError
 
 __all__ = ["RejoinPolicy", "RetryPolicy", "StepStats", "exponential_backoff"]
@@ -21,7 +21,7 @@ def exponential_backoff(attempt: int, initial: float, cap: float, jitter: float,
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How one step is retried. Every knob is named; the defaults live in ``anonjoin._constants``."""
+    """How one step is retried. Every knob is named; the defaults live in ``anonjoin._core.constants``."""
 
     attempts: int = C.ATTEMPTS
     step_deadline_s: float = C.STEP_DEADLINE_S

@@ -2,7 +2,7 @@
 
 :func:`discovery` is a generator the driver runs: it yields the three GETs of discovery (discover ->
 applications -> capabilities, each a :class:`~anonjoin._core.conversation.Send` the driver sends with its
-AAD bearer, retried as :func:`~anonjoin._protocol.classify` says) and returns the :class:`Capabilities`.
+AAD bearer, retried as :func:`~anonjoin._core.protocol.classify` says) and returns the :class:`Capabilities`.
 :func:`token_body`, :func:`grant_from` and :func:`meeting_from` are the psat POST's body and the answers
 read; :func:`stale_link` is the failure table's word on a 404 of those POSTs (refetch the capabilities
 once, then send again).
@@ -19,9 +19,8 @@ from typing import cast
 from yarl import URL
 
 from anonjoin._core.conversation import ResponseLike, Send
-from anonjoin._events import Step
-from anonjoin._exceptions import ProtocolError
-from anonjoin._models import (
+from anonjoin._core.events import Step
+from anonjoin._core.models import (
     AdhocMeeting,
     ApplicationBody,
     GuestGrant,
@@ -37,7 +36,8 @@ from anonjoin._models import (
     require_link,
     resolve,
 )
-from anonjoin._protocol import Action, classify
+from anonjoin._core.protocol import Action, classify
+from anonjoin._exceptions import ProtocolError
 
 __all__ = ["Capabilities", "discovery", "grant_from", "meeting_from", "stale_link", "token_body"]
 

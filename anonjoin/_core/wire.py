@@ -9,10 +9,10 @@ from collections.abc import Mapping
 
 from yarl import URL
 
-from anonjoin import _constants as C
-from anonjoin._events import Step
+from anonjoin._core import constants as C
+from anonjoin._core.events import Step
+from anonjoin._core.models import parse_error_body
 from anonjoin._exceptions import ServiceError
-from anonjoin._models import parse_error_body
 
 __all__ = ["service_error"]
 

@@ -54,7 +54,8 @@ CODES: Mapping[int, str] = MappingProxyType(
     }
 )
 """An error body's ``code`` for each status (protocol.md §6). The simulator's own table: it imports no
-client module (the client keeps its copy in ``anonjoin._constants``; a test checks that the two agree)."""
+client module (the client keeps its copy in ``anonjoin._core.constants``; a test checks that the two
+agree)."""
 
 JSON_TYPE = "application/json"
 

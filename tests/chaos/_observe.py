@@ -20,10 +20,10 @@ from typing import Any
 
 import jwt
 
-from anonjoin import _constants as C
-from anonjoin._events import GuestEvent, StepEvent
-from anonjoin._report import GuestRecord
-from anonjoin._retry import RejoinPolicy, RetryPolicy
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._core import constants as C
+from anonjoin._core.events import GuestEvent, StepEvent
+from anonjoin._load.report import GuestRecord
 from anonjoin.simulator import Simulator
 from anonjoin.simulator._core import TIMELINE_CAP
 from anonjoin.simulator._faults import GuestSchedule

@@ -29,13 +29,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from anonjoin import _constants as C
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._events import Hooks
-from anonjoin._report import build_report, write_json
-from anonjoin._retry import RejoinPolicy, RetryPolicy
-from anonjoin._runner import LoadPlan, LoadResult, check_against_service, run_load
-from anonjoin._store import MemorySessionStore, NewSession
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._core import constants as C
+from anonjoin._core.events import Hooks
+from anonjoin._load.report import build_report, write_json
+from anonjoin._load.runner import LoadPlan, LoadResult, check_against_service, run_load
+from anonjoin._load.store import MemorySessionStore, NewSession
 from anonjoin.simulator import FaultProfile, Simulator, SimulatorConfig
 from anonjoin.simulator._faults import PROFILES
 

@@ -29,14 +29,14 @@ from typing import Any
 import pytest
 
 from anonjoin import AuthError, JoinFailed, RequestNotSentError, ServiceError
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._client import Client
-from anonjoin._events import GuestEvent, Hooks, StepEvent
-from anonjoin._report import build_report, write_json, write_text
-from anonjoin._report_html import render_html
-from anonjoin._retry import RejoinPolicy, RetryPolicy
-from anonjoin._runner import LoadPlan, check_against_service, run_load
-from anonjoin._settings import InsecureTLSWarning, TargetSettings
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._async.client import Client
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._async.settings import InsecureTLSWarning, TargetSettings
+from anonjoin._core.events import GuestEvent, Hooks, StepEvent
+from anonjoin._load.report import build_report, write_json, write_text
+from anonjoin._load.report_html import render_html
+from anonjoin._load.runner import LoadPlan, check_against_service, run_load
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator, SimulatorConfig
 
 SECRET = "Tq9~client-secret-for-the-leak-test-4f1d7a"

@@ -25,8 +25,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from anonjoin import RejoinPolicy, RetryPolicy
-from anonjoin._client import Client
-from anonjoin._retry import Clock
+from anonjoin._async.client import Client
+from anonjoin._async.retry import Clock
 from anonjoin.simulator._tls import ca_pem, server_ssl_context
 
 CLOSE = "CLOSE"
@@ -369,7 +369,7 @@ class FakeToken:
 
 
 class FakeCredential:
-    """Implements the Credential protocol of anonjoin._auth without AAD."""
+    """Implements the Credential protocol of anonjoin._async.auth without AAD."""
 
     def __init__(self) -> None:
         self.tokens = 0

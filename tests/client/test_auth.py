@@ -1,4 +1,4 @@
-"""The Azure AD credential (anonjoin._auth) against the simulator's AAD over TLS, with real msal."""
+"""The Azure AD credential (anonjoin._async.auth) against the simulator's AAD over TLS, with real msal."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 import pytest
 
 from anonjoin import AuthError, ConfigurationError
-from anonjoin._auth import (
+from anonjoin._async.auth import (
     AccessToken,
     CertificateCredential,
     ClientSecretCredential,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from anonjoin import _cli_join
 from anonjoin._cli import build_parser, main
+from anonjoin._cli import join as _cli_join
 from anonjoin.simulator import Simulator
 
 JSON_KEYS = {
@@ -462,7 +462,7 @@ async def test_json_log_format_every_stderr_line_is_an_object_without_secrets(
 
 
 def test_json_log_format_redacts_what_a_record_carries() -> None:
-    from anonjoin._cli_common import JsonLogFormatter
+    from anonjoin._cli.common import JsonLogFormatter
 
     token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
     try:
@@ -491,8 +491,8 @@ def test_log_format_is_on_every_command(command: list[str], capsys: pytest.Captu
 def test_json_log_format_for_a_command_without_v_turns_its_warnings_into_objects(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from anonjoin import _cli_load
-    from anonjoin._events import log_event
+    from anonjoin._cli import load as _cli_load
+    from anonjoin._core.events import log_event
 
     def warns(ns: Any) -> int:
         log = logging.getLogger("anonjoin.store")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from anonjoin import AuthError, CertificateCredential, ClientSecretCredential
+from anonjoin._async.doctor import CHECKS, DoctorReport, _auth_failure, run_doctor
 from anonjoin._cli import main
-from anonjoin._doctor import CHECKS, DoctorReport, _auth_failure, run_doctor
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 
 pytestmark = pytest.mark.usefixtures("no_target_env")

@@ -29,7 +29,7 @@ from anonjoin import (
     ServiceError,
     StepEvent,
 )
-from anonjoin._auth import ClientSecretCredential
+from anonjoin._async.auth import ClientSecretCredential
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 
 FAST_RETRY = RetryPolicy(attempts=4, wait_initial=0.02, wait_max=0.1, jitter=0.02, step_deadline_s=15,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from anonjoin import RequestNotSentError
-from anonjoin._protocol import Action, classify
+from anonjoin._core.protocol import Action, classify
 from anonjoin.simulator import Simulator
 
 BOUND_S = 15.0

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from anonjoin import ProtocolError
-from anonjoin._http import parse_retry_after
-from anonjoin._models import (
+from anonjoin._async.http import parse_retry_after
+from anonjoin._core.models import (
     ApplicationBody,
     DiscoverBody,
     EventsBody,

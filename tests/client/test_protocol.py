@@ -15,8 +15,8 @@ from anonjoin import (
     RequestNotSentError,
     ServiceError,
 )
-from anonjoin._events import ChannelEvent
-from anonjoin._protocol import (
+from anonjoin._core.events import ChannelEvent
+from anonjoin._core.protocol import (
     SAFE_TO_REPEAT,
     STEP_FOR_STATE,
     TERMINAL,
@@ -221,7 +221,7 @@ def channel_events(draw: st.DrawFn) -> ChannelEvent:
 def test_any_event_batches_end_in_a_defined_state_or_a_protocol_error(
     batches: list[list[ChannelEvent]],
 ) -> None:
-    from anonjoin._protocol import SIGNAL_INPUT
+    from anonjoin._core.protocol import SIGNAL_INPUT
 
     m = GuestMachine()
     m.state = GuestState.CONNECTING

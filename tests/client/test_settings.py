@@ -12,8 +12,8 @@ import pytest
 from pydantic import SecretStr
 
 from anonjoin import ConfigurationError
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._settings import (
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._async.settings import (
     DEFAULT_SCOPE,
     RUN_FIELDS,
     InsecureTLSWarning,

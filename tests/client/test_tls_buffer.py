@@ -1,4 +1,4 @@
-"""anonjoin's TLS connector (``anonjoin._tls.LeanTLSConnector``) over real TLS on loopback.
+"""anonjoin's TLS connector (``anonjoin._async.tls.LeanTLSConnector``) over real TLS on loopback.
 
 Its connections share one receive buffer instead of asyncio's 256 KiB each; everything else about TLS must
 stay as aiohttp's own connector has it: verification, hostname checks (SNI), the typed errors, the connect
@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 
 from anonjoin import Client, RequestNotSentError
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._tls import RECV_BUFFER_BYTES, LeanTLSConnector, lean_tls_supported
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._async.tls import RECV_BUFFER_BYTES, LeanTLSConnector, lean_tls_supported
 from anonjoin.simulator import Simulator
 from anonjoin.simulator._tls import server_ssl_context, write_ca
 
@@ -257,7 +257,7 @@ async def test_plain_http_takes_aiohttps_path() -> None:
 async def test_without_the_asyncio_details_it_is_aiohttps_connector(
     monkeypatch: pytest.MonkeyPatch, ca_file: str
 ) -> None:
-    monkeypatch.setattr("anonjoin._tls.lean_tls_supported", lambda: False)
+    monkeypatch.setattr("anonjoin._async.tls.lean_tls_supported", lambda: False)
     ctx = ssl.create_default_context(cafile=ca_file)
     connector = LeanTLSConnector(ssl=ctx)
     assert not connector.lean

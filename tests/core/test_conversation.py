@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from anonjoin import _constants as C
+from anonjoin._core import constants as C
 from anonjoin._core.conversation import (
     Conversation,
     DeleteApp,
@@ -24,10 +24,10 @@ from anonjoin._core.conversation import (
     Publish,
     Send,
 )
+from anonjoin._core.models import GuestGrant
 from anonjoin._core.policy import RejoinPolicy
+from anonjoin._core.protocol import GuestState
 from anonjoin._exceptions import JoinFailed, MaybeSentError, ProtocolError, ServiceError
-from anonjoin._models import GuestGrant
-from anonjoin._protocol import GuestState
 
 BASE = URL("https://pool.contoso.com/ucwa/psanon/v1/applications/a1")
 CONF = "sip:org@contoso.com;gruu;opaque=app:conf:focus:id:ABC"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from anonjoin._core.protocol import TERMINAL, TRANSITIONS, GuestMachine, GuestState, Input
 from anonjoin._exceptions import ProtocolError
-from anonjoin._protocol import TERMINAL, TRANSITIONS, GuestMachine, GuestState, Input
 
 S, I = GuestState, Input  # noqa: E741 - short names keep the rows readable
 

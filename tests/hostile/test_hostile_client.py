@@ -20,10 +20,10 @@ import pytest
 from yarl import URL
 
 from anonjoin import Clock, InsecureTarget, JoinFailed, RejoinPolicy, RetryPolicy, ServiceError
-from anonjoin import _constants as C
-from anonjoin._client import Client
-from anonjoin._http import HttpClient, make_ssl_context
-from anonjoin._retry import Attempt
+from anonjoin._async.client import Client
+from anonjoin._async.http import HttpClient, make_ssl_context
+from anonjoin._async.retry import Attempt
+from anonjoin._core import constants as C
 from anonjoin.simulator import Simulator
 
 from ._hostile import CA_FILE, Credential, Hostile, Misbehaviour, hostile, iso
@@ -277,7 +277,7 @@ async def test_cli_join_refuses_to_leak_a_token(sim: Simulator, case: str) -> No
 
 
 def test_insecure_target_is_final_in_the_one_table() -> None:
-    from anonjoin._protocol import Action, classify
+    from anonjoin._core.protocol import Action, classify
 
     for step in ("anon_tokens", "anon_applications", "events", "discover", "delete_application"):
         d = classify(step, InsecureTarget("refusing", step=step))
@@ -285,7 +285,7 @@ def test_insecure_target_is_final_in_the_one_table() -> None:
 
 
 def test_plan_expiry_bounds_every_bad_expiry() -> None:
-    from anonjoin._protocol import bad_expiry, plan_expiry
+    from anonjoin._core.protocol import bad_expiry, plan_expiry
 
     for stated in (None, float("nan"), -3600.0, -1e9, 0.0, 0.3, 59.0):
         plan = plan_expiry(stated, 60.0)
@@ -297,7 +297,7 @@ def test_plan_expiry_bounds_every_bad_expiry() -> None:
 
 
 def test_poll_wait_backs_off_idle_answers_and_resets_on_events() -> None:
-    from anonjoin._protocol import poll_wait
+    from anonjoin._core.protocol import poll_wait
 
     w, waits = 0.0, []
     for _ in range(10):

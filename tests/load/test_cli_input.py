@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from anonjoin._cli import main
-from anonjoin._report import MIN_RATE_PHASE_S, joins_per_s_text
+from anonjoin._load.report import MIN_RATE_PHASE_S, joins_per_s_text
 
 pytestmark = pytest.mark.usefixtures("no_target_env")  # no ANONJOIN_* target; cwd is tmp_path
 

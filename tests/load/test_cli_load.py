@@ -335,8 +335,8 @@ def test_guard_refuses_a_remote_authority_or_discover_before_any_request(
 
 
 async def test_guard_sees_the_links_of_the_service_before_any_guest(sim: Simulator) -> None:
-    from anonjoin._auth import ClientSecretCredential
-    from anonjoin._runner import LoadPlan, run_load
+    from anonjoin._async.auth import ClientSecretCredential
+    from anonjoin._load.runner import LoadPlan, run_load
 
     seen: list[str] = []
 

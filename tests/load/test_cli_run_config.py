@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from anonjoin._cli import build_parser, main
-from anonjoin._cli_common import RUN_FIELDS, Default, resolve_run_settings
+from anonjoin._cli.common import Default, resolve_run_settings
+from anonjoin._core.constants import RUN_FIELDS
 
 pytestmark = pytest.mark.usefixtures("no_target_env")
 

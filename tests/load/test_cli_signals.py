@@ -100,8 +100,8 @@ def test_ctrl_c_while_the_reports_are_written_does_not_lose_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The window a second Ctrl-C used to hit: the loop's handlers are gone, the reports not yet written."""
-    from anonjoin import _report
     from anonjoin._cli import main
+    from anonjoin._load import report as _report
 
     real_write_json = _report.write_json
 

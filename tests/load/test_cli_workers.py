@@ -238,7 +238,7 @@ def test_no_worker_outlives_a_killed_parent(tmp_path: Path) -> None:
         run.wait_for("arrived 10/10  joined 10  ")
         run.proc.kill()
         run.proc.communicate(timeout=30)
-        from anonjoin._workers import ORPHAN_LEAVE_S
+        from anonjoin._load.workers import ORPHAN_LEAVE_S
 
         for pid in run.workers:
             assert exited(pid, ORPHAN_LEAVE_S + 30), f"worker {pid} outlived its parent"
@@ -247,8 +247,8 @@ def test_no_worker_outlives_a_killed_parent(tmp_path: Path) -> None:
 async def test_the_process_engine_runs_shards_for_an_embedder(tmp_path: Path) -> None:
     """``run_sharded`` with a :class:`ProcessEngine`: the library API behind ``--workers``."""
     from anonjoin import LoadPlan, MemorySessionStore, ProcessEngine, run_sharded
-    from anonjoin._cli_common import simulator_settings
-    from anonjoin._sharded import ShardProgress
+    from anonjoin._cli.common import simulator_settings
+    from anonjoin._load.sharded import ShardProgress
     from anonjoin.simulator import Simulator, SimulatorConfig
 
     async with Simulator(SimulatorConfig(seed=4)) as sim:
@@ -403,7 +403,7 @@ def test_bad_sharding_flags_exit_2_with_one_line(
 
 
 def test_start_at_takes_unix_seconds_and_iso_8601() -> None:
-    from anonjoin._cli_load import parse_start_at
+    from anonjoin._cli.load import parse_start_at
 
     now = 1_800_000_000.0
     assert parse_start_at("1800000030", now=now) == 1_800_000_030.0

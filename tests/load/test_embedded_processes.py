@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from anonjoin import _cli_load as cli_load
+from anonjoin._cli import load as cli_load
 from anonjoin._cli import main
-from anonjoin._cli_load import EMBEDDED_ENV, _embedded_pools
+from anonjoin._cli.load import EMBEDDED_ENV, _embedded_pools
 from anonjoin._exceptions import ConfigurationError
 from anonjoin.simulator._pools import descendants
 

@@ -12,11 +12,11 @@ import pytest
 from rich.console import Console
 
 from anonjoin import ConfigurationError
-from anonjoin._events import GuestEvent, Hooks, StepEvent
-from anonjoin._metrics import Metrics
-from anonjoin._progress import ProgressDisplay, format_line, pick_mode
-from anonjoin._report import GuestRecord, MetricSource, build_report, parse_fail_if, write_json
-from anonjoin._report_html import render_html
+from anonjoin._core.events import GuestEvent, Hooks, StepEvent
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.progress import ProgressDisplay, format_line, pick_mode
+from anonjoin._load.report import GuestRecord, MetricSource, build_report, parse_fail_if, write_json
+from anonjoin._load.report_html import render_html
 
 
 class FakeClock:
@@ -274,7 +274,7 @@ async def test_bar_progress_renders() -> None:
 
 
 def test_check_against_the_services_record() -> None:
-    from anonjoin._runner import check_against_service
+    from anonjoin._load.runner import check_against_service
 
     records = [GuestRecord("g1", "a1", "joined", rejoins=2), GuestRecord("g2", "a2", "failed", "Denied")]
     snapshot = {
@@ -298,7 +298,7 @@ def test_check_against_the_services_record() -> None:
 def test_the_mean_is_exact_and_does_not_walk_the_histogram(monkeypatch: pytest.MonkeyPatch) -> None:
     from hdrh.histogram import HdrHistogram
 
-    from anonjoin._metrics import LatencyHistogram
+    from anonjoin._load.metrics import LatencyHistogram
 
     def walk(self: HdrHistogram) -> float:
         raise AssertionError("get_mean_value walks every bucket: some 50 ms a histogram")

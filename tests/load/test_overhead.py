@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from anonjoin._events import Hooks, Observer, StepEvent
-from anonjoin._metrics import Metrics
-from anonjoin._runner import _JoinSlots
+from anonjoin._core.events import Hooks, Observer, StepEvent
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.runner import _JoinSlots
 
 
 async def test_join_slots_hand_over_in_order_and_a_stop_releases_the_waiters() -> None:

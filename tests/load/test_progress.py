@@ -9,9 +9,9 @@ import re
 import pytest
 from rich.console import Console
 
-from anonjoin._events import GuestEvent
-from anonjoin._metrics import Metrics, earliest_phase
-from anonjoin._progress import ProgressDisplay, bar_text, clock_text, format_line
+from anonjoin._core.events import GuestEvent
+from anonjoin._load.metrics import Metrics, earliest_phase
+from anonjoin._load.progress import ProgressDisplay, bar_text, clock_text, format_line
 
 
 class FakeClock:
@@ -164,7 +164,7 @@ async def test_plain_lines_show_the_phase_and_the_clock() -> None:
 
 
 def test_the_phase_of_shards_is_the_least_advanced_one() -> None:
-    from anonjoin._sharded import ShardProgress
+    from anonjoin._load.sharded import ShardProgress
 
     assert earliest_phase([]) == "starting"
     assert earliest_phase(["done", "holding", "leaving"]) == "holding"

@@ -30,8 +30,8 @@ from anonjoin import (
     serve_metrics,
 )
 from anonjoin._cli import main
-from anonjoin._prometheus import BUCKETS_S
-from anonjoin._report import build_report
+from anonjoin._load.prometheus import BUCKETS_S
+from anonjoin._load.report import build_report
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

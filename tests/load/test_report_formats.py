@@ -13,11 +13,11 @@ import pytest
 
 import anonjoin
 from anonjoin._cli import main
-from anonjoin._events import StepEvent
+from anonjoin._core.events import StepEvent
 from anonjoin._exceptions import ConfigurationError
-from anonjoin._metrics import Metrics
-from anonjoin._report import GuestRecord, build_report, parse_fail_if
-from anonjoin._report_formats import junit_xml, write_csv, write_files, write_junit, write_report
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.report import GuestRecord, build_report, parse_fail_if
+from anonjoin._load.report_formats import junit_xml, write_csv, write_files, write_junit, write_report
 from anonjoin.simulator import Simulator
 
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._events import GuestEvent, StepEvent
-from anonjoin._metrics import PARKED_POLL, Metrics
-from anonjoin._report import REPORT_SCHEMA, GuestRecord, build_report, parse_fail_if
-from anonjoin._report_html import render_html
-from anonjoin._runner import LoadPlan, LoadResult, run_load
-from anonjoin._store import MemorySessionStore
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._core.events import GuestEvent, StepEvent
+from anonjoin._load.metrics import PARKED_POLL, Metrics
+from anonjoin._load.report import REPORT_SCHEMA, GuestRecord, build_report, parse_fail_if
+from anonjoin._load.report_html import render_html
+from anonjoin._load.runner import LoadPlan, LoadResult, run_load
+from anonjoin._load.store import MemorySessionStore
 from anonjoin.simulator import Simulator
 
 COUNTS = {
@@ -168,7 +168,7 @@ def test_the_html_settings_have_no_python_reprs() -> None:
 def test_a_summary_walks_once_and_agrees_with_each_percentile(monkeypatch: pytest.MonkeyPatch) -> None:
     from hdrh.histogram import HdrHistogram
 
-    from anonjoin._metrics import LatencyHistogram
+    from anonjoin._load.metrics import LatencyHistogram
 
     rng = random.Random(7)
     for n in (1, 2, 9, 2000):

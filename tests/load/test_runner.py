@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from anonjoin import StoreError
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._client import Client
-from anonjoin._events import GuestEvent, Hooks
-from anonjoin._metrics import Metrics
-from anonjoin._report import build_report
-from anonjoin._retry import RejoinPolicy, RetryPolicy
-from anonjoin._runner import ConstantRate, LoadPlan, LoadResult, LoadRunner, pool_size, run_load
-from anonjoin._store import MemorySessionStore, Outcome, SqliteSessionStore
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._async.client import Client
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._core.events import GuestEvent, Hooks
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.report import build_report
+from anonjoin._load.runner import ConstantRate, LoadPlan, LoadResult, LoadRunner, pool_size, run_load
+from anonjoin._load.store import MemorySessionStore, Outcome, SqliteSessionStore
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator, SimulatorConfig
 
 FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)

@@ -7,7 +7,15 @@ import itertools
 import pytest
 
 from anonjoin import ConfigurationError
-from anonjoin._runner import ConstantRate, LinearRamp, LoadPlan, RateFunction, Steps, parse_ramp, pool_size
+from anonjoin._load.runner import (
+    ConstantRate,
+    LinearRamp,
+    LoadPlan,
+    RateFunction,
+    Steps,
+    parse_ramp,
+    pool_size,
+)
 
 
 def test_constant_rate() -> None:

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anonjoin import ConfigurationError
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._metrics import LatencyHistogram, Metrics
-from anonjoin._report import GuestRecord, build_report
-from anonjoin._retry import RejoinPolicy, RetryPolicy
-from anonjoin._runner import (
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._load.metrics import LatencyHistogram, Metrics
+from anonjoin._load.report import GuestRecord, build_report
+from anonjoin._load.runner import (
     ArrivalSchedule,
     ConstantRate,
     LinearRamp,
@@ -28,7 +28,7 @@ from anonjoin._runner import (
     Steps,
     run_load,
 )
-from anonjoin._shards import ShardResult, merge_results
+from anonjoin._load.shards import ShardResult, merge_results
 from anonjoin.simulator import Simulator
 
 FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
@@ -310,9 +310,9 @@ async def test_two_shards_on_one_simulator_merge_into_the_whole_run(sim: Simulat
 
 
 async def test_run_sharded_prepares_once_assigns_ids_in_the_parent_and_merges(sim: Simulator) -> None:
-    from anonjoin._cli_common import simulator_settings
-    from anonjoin._sharded import InProcessEngine, ShardProgress, run_sharded
-    from anonjoin._store import MemorySessionStore
+    from anonjoin._cli.common import simulator_settings
+    from anonjoin._load.sharded import InProcessEngine, ShardProgress, run_sharded
+    from anonjoin._load.store import MemorySessionStore
 
     info = sim.info
     target = simulator_settings(info, display_name="g")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from anonjoin import StoreError
-from anonjoin._store import (
+from anonjoin._load.store import (
     MemorySessionStore,
     NewSession,
     Outcome,

@@ -14,13 +14,13 @@ import pytest
 from ray_cluster import RayCluster, require_ray, two_node_cluster
 
 from anonjoin import AnonJoinError, ConfigurationError
-from anonjoin._cli_common import simulator_settings
-from anonjoin._metrics import Progress as Snapshot
-from anonjoin._ray import RayEngine
-from anonjoin._retry import RejoinPolicy, RetryPolicy
-from anonjoin._runner import ConstantRate, LoadPlan
-from anonjoin._sharded import ShardProgress, run_sharded
-from anonjoin._store import MemorySessionStore
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._cli.common import simulator_settings
+from anonjoin._load.metrics import Progress as Snapshot
+from anonjoin._load.ray import RayEngine
+from anonjoin._load.runner import ConstantRate, LoadPlan
+from anonjoin._load.sharded import ShardProgress, run_sharded
+from anonjoin._load.store import MemorySessionStore
 from anonjoin.simulator import Simulator
 
 require_ray()

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from anonjoin._cli import main
-from anonjoin._store_redis import RedisSessionStore
+from anonjoin._load.store_redis import RedisSessionStore
 from anonjoin.simulator import Simulator
 
 from ._redis import RedisServer, _free_port, start_redis

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from anonjoin import LeaseHeld, LeaseLost, StoreError
-from anonjoin._store import (
+from anonjoin._load.store import (
     LEGACY_SCOPE,
     MemorySessionStore,
     NewSession,
@@ -24,7 +24,7 @@ from anonjoin._store import (
     SessionStore,
     SqliteSessionStore,
 )
-from anonjoin._store_redis import RedisSessionStore
+from anonjoin._load.store_redis import RedisSessionStore
 
 from ._redis import RedisServer
 

@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 
 from anonjoin import LeaseHeld
-from anonjoin._store import SqliteSessionStore
-from anonjoin._store_redis import RedisSessionStore
+from anonjoin._load.store import SqliteSessionStore
+from anonjoin._load.store_redis import RedisSessionStore
 
 from ._redis import RedisServer
 

@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from anonjoin import StoreError
-from anonjoin._store import NewSession, Outcome
-from anonjoin._store_redis import RedisSessionStore, safe_store_url
+from anonjoin._load.store import NewSession, Outcome
+from anonjoin._load.store_redis import RedisSessionStore, safe_store_url
 
 from ._redis import RedisServer, _free_port, start_redis
 

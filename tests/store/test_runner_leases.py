@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from anonjoin import ClientSecretCredential, GuestEvent, Hooks, LeaseHeld
-from anonjoin._runner import LoadPlan, LoadResult, LoadRunner, run_load
-from anonjoin._store_redis import RedisSessionStore
+from anonjoin._load.runner import LoadPlan, LoadResult, LoadRunner, run_load
+from anonjoin._load.store_redis import RedisSessionStore
 from anonjoin.simulator import Simulator, SimulatorConfig
 
 from ._redis import RedisServer

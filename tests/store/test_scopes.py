@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from anonjoin import ConfigurationError, LeaseHeld, LeaseLost, StoreError
-from anonjoin._store import (
+from anonjoin._load.store import (
     LEGACY_SCOPE,
     SCHEMA_VERSION,
     MemorySessionStore,
@@ -24,7 +24,7 @@ from anonjoin._store import (
     SqliteSessionStore,
     new_run_id,
 )
-from anonjoin._store_redis import RedisSessionStore
+from anonjoin._load.store_redis import RedisSessionStore
 
 from ._redis import RedisServer
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from hdrh.histogram import HdrHistogram
 
-from anonjoin._events import GuestEvent, Hooks, StepEvent
+from anonjoin._core.events import GuestEvent, Hooks, StepEvent
 
 __all__ = [
     "PARKED_POLL",

@@ -16,7 +16,7 @@ How a run goes:
    every held guest leave now, and returns normally with ``interrupted=True``: guests that never arrived
    or were cut off mid-join are ``cancelled``.
 
-Every guest ends in exactly one :class:`~anonjoin._report.GuestRecord`: ``joined`` (joined, and never
+Every guest ends in exactly one :class:`~anonjoin._load.report.GuestRecord`: ``joined`` (joined, and never
 failed for good), ``failed`` with the client's final reason, ``ended`` (its meeting ended: not a failure of
 the client), or ``cancelled``. The outcomes are written back to the store in one batch at the end.
 
@@ -36,8 +36,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from anonjoin._client import Client
-from anonjoin._events import GuestEvent, Hooks
+from anonjoin._async.client import Client
+from anonjoin._async.guest import Guest
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._async.service import CredentialLike
+from anonjoin._core.events import GuestEvent, Hooks
+from anonjoin._core.protocol import TERMINAL, GuestState, ended_not_failed
 from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
@@ -50,13 +54,9 @@ from anonjoin._exceptions import (
     StoreError,
     TransportError,
 )
-from anonjoin._guest import Guest
-from anonjoin._metrics import Metrics
-from anonjoin._protocol import TERMINAL, GuestState, ended_not_failed
-from anonjoin._report import GuestRecord
-from anonjoin._retry import RejoinPolicy, RetryPolicy
-from anonjoin._service import CredentialLike
-from anonjoin._store import Lease, MemorySessionStore, NewSession, Outcome, SessionStore
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.report import GuestRecord
+from anonjoin._load.store import Lease, MemorySessionStore, NewSession, Outcome, SessionStore
 
 __all__ = [
     "ArrivalSchedule",

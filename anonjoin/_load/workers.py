@@ -34,9 +34,9 @@ from types import TracebackType
 from typing import Any
 
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact
-from anonjoin._metrics import Progress as Snapshot
-from anonjoin._sharded import ShardJob
-from anonjoin._shards import WORKER_LOST, ShardResult
+from anonjoin._load.metrics import Progress as Snapshot
+from anonjoin._load.sharded import ShardJob
+from anonjoin._load.shards import WORKER_LOST, ShardResult
 
 __all__ = ["ProcessEngine", "usable_cores"]
 
@@ -77,7 +77,7 @@ class _Worker:
 class ProcessEngine:
     """Runs each shard in a worker process of this machine (see the module's docstring).
 
-    Give it to :func:`~anonjoin._sharded.run_sharded` (``run_sharded(plan, ProcessEngine(2), ...)``),
+    Give it to :func:`~anonjoin._load.sharded.run_sharded` (``run_sharded(plan, ProcessEngine(2), ...)``),
     which enters it: ``async with engine:`` starts the workers and returns once each can take a job;
     :meth:`run` gives them their jobs and waits for their results; leaving stops what is left (a worker
     that does not exit in time is terminated, then killed). One engine runs one set of jobs, once.
@@ -357,9 +357,9 @@ def worker_main(conn: Connection, progress_interval_s: float) -> None:
 
 
 async def _run_job(conn: Connection, job: ShardJob, interval_s: float) -> None:
-    from anonjoin._metrics import Metrics
-    from anonjoin._runner import LoadRunner
-    from anonjoin._sharded import run_shard_job
+    from anonjoin._load.metrics import Metrics
+    from anonjoin._load.runner import LoadRunner
+    from anonjoin._load.sharded import run_shard_job
 
     loop = asyncio.get_running_loop()
     metrics = Metrics(guests=job.plan.shard_guests)

@@ -97,3 +97,32 @@ ERROR_CODES: Final[Mapping[int, str]] = MappingProxyType(
 )
 """An error body's ``code`` for each status (protocol.md): what the simulator sends, and what the client
 assumes when an error body has none."""
+
+RUN_FIELDS = (
+    "guests",
+    "concurrency",
+    "rate",
+    "ramp",
+    "hold",
+    "meetings",
+    "guest_prefix",
+    "lobby_timeout",
+    "shared_throttle",
+    "faults",
+    "seed",
+    "report",
+    "html",
+    "no_html",
+    "csv",
+    "junit",
+    "fail_if",
+    "progress",
+    "progress_interval",
+    "metrics_port",
+    "metrics_host",
+    "store",
+    "run_id",
+)
+"""The run settings a config file may hold besides the target (``anonjoin load``'s flags of those names,
+the same precedence as the target's: flag, ``ANONJOIN_<NAME>``, ``--config`` file, default;
+``--i-own-this-service`` is not one: it is said on the command line, each time)."""

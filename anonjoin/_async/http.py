@@ -13,8 +13,8 @@ to a host of the service. The trusted hosts (names, any port) are: the discover 
 from a trusted host; a host a trusted host redirected to with a 307 over https (https to https) on a request
 without a token (the pool redirect of discover and the anonymous discover). A redirect of a request that
 carries a token must stay among the trusted hosts. Anything else is :class:`InsecureTarget`, raised before
-the request leaves (final: :func:`anonjoin._protocol.classify` never retries it). ``verify_tls=False`` does
-not lift the rule.
+the request leaves (final: :func:`anonjoin._core.protocol.classify` never retries it).
+``verify_tls=False`` does not lift the rule.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from anonjoin import _constants as C
+from anonjoin._async.retry import Attempt
+from anonjoin._async.tls import LeanTLSConnector
+from anonjoin._core import constants as C
+from anonjoin._core.events import Step, log_event
 from anonjoin._core.trust import TrustedHosts
 from anonjoin._core.wire import service_error
-from anonjoin._events import Step, log_event
 from anonjoin._exceptions import (
     ConfigurationError,
     InsecureTarget,
@@ -45,8 +47,6 @@ from anonjoin._exceptions import (
     ServiceError,
     redact_url,
 )
-from anonjoin._retry import Attempt
-from anonjoin._tls import LeanTLSConnector
 
 log = logging.getLogger("anonjoin.http")
 

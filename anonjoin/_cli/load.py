@@ -11,11 +11,11 @@ code); 1 when no guest joined or the run failed; 2 for a bad flag or setting;
 leave and the report is still written).
 
 ``--workers N`` (``auto``: the usable cores) runs the plan in N worker processes, one shard each
-(:mod:`anonjoin._workers`); the parent prepares, stores, shows the summed progress and merges.
+(:mod:`anonjoin._load.workers`); the parent prepares, stores, shows the summed progress and merges.
 ``--shard K/S --start-at T --report FILE`` runs one shard against a target and writes its shard result for
 ``anonjoin merge`` (a Kubernetes Indexed Job, a CI matrix). ``--ray ADDRESS [--shards S]`` runs the shards
-as actors of an existing Ray cluster (:mod:`anonjoin._ray`, the ``anonjoin[ray]`` extra; S defaults to the
-cluster's CPUs), prepared, stored and merged here in the same way.
+as actors of an existing Ray cluster (:mod:`anonjoin._load.ray`, the ``anonjoin[ray]`` extra; S defaults to
+the cluster's CPUs), prepared, stored and merged here in the same way.
 
 Every guest's applicationSessionId comes from the session store (``--store``; default
 ``$ANONJOIN_STORE`` or ``~/.local/state/anonjoin/sessions.db``; ``--store :memory:`` keeps nothing), so
@@ -52,14 +52,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from anonjoin._cli_common import (
+from anonjoin._cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_THRESHOLDS,
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
-    RUN_FIELDS,
     STOP_SIGNALS,
     add_target_arguments,
     exit_code_for_signal,
@@ -75,13 +74,14 @@ from anonjoin._cli_common import (
     stderr_log_handler,
     stop_signals_deferred,
 )
+from anonjoin._core.constants import RUN_FIELDS
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact, redact_url
 
 if TYPE_CHECKING:  # loaded when a command runs, not for --help
-    from anonjoin._runner import LoadPlan
-    from anonjoin._settings import TargetSettings
-    from anonjoin._sharded import ShardEngine
-    from anonjoin._store import SessionStore
+    from anonjoin._async.settings import TargetSettings
+    from anonjoin._load.runner import LoadPlan
+    from anonjoin._load.sharded import ShardEngine
+    from anonjoin._load.store import SessionStore
 
 __all__ = ["register", "run_load_command", "run_rejoin_command", "run_sessions_command"]
 
@@ -150,7 +150,7 @@ def _store_flag(parser: argparse._ActionsContainer) -> None:
 
 
 def _run_id(text: str) -> str:
-    from anonjoin._store import check_run_id
+    from anonjoin._load.store import check_run_id
 
     try:
         return check_run_id(text)
@@ -374,10 +374,10 @@ def store_label(path: str | None) -> str:
     """Where the store is, fit for a report or a message (a Redis URL loses its credentials)."""
     text = _store_text(path)
     if text and text.lower().startswith(("redis://", "rediss://", "unix://")):
-        from anonjoin._store_redis import safe_store_url
+        from anonjoin._load.store_redis import safe_store_url
 
         return safe_store_url(text)
-    from anonjoin._store import default_store_path
+    from anonjoin._load.store import default_store_path
 
     return text or str(default_store_path())
 
@@ -387,13 +387,13 @@ def open_store(path: str | None, *, create: bool = True) -> SessionStore:
 
     ``create=False``: a missing file reads as an empty store and is not created (``sessions`` and
     ``rejoin`` only read before they write)."""
-    from anonjoin._store import MemorySessionStore, SqliteSessionStore, default_store_path
+    from anonjoin._load.store import MemorySessionStore, SqliteSessionStore, default_store_path
 
     if path == MEMORY_STORE:
         return MemorySessionStore()
     text = _store_text(path)
     if text and text.lower().startswith(("redis://", "rediss://", "unix://")):
-        from anonjoin._store_redis import RedisSessionStore
+        from anonjoin._load.store_redis import RedisSessionStore
 
         return RedisSessionStore(text)
     file = Path(path).expanduser() if path else default_store_path()
@@ -417,7 +417,7 @@ async def open_store_ready(path: str | None, *, create: bool = True) -> SessionS
 
 def lease_for(store: SessionStore) -> float | None:
     """A store others can see (a file, Redis) gets a lease per guest; a memory store needs none."""
-    from anonjoin._store import DEFAULT_LEASE_S, MemorySessionStore
+    from anonjoin._load.store import DEFAULT_LEASE_S, MemorySessionStore
 
     return None if isinstance(store, MemorySessionStore) else DEFAULT_LEASE_S
 
@@ -534,7 +534,7 @@ def run_load_command(ns: argparse.Namespace) -> int:
 
 
 def _load_sync(ns: argparse.Namespace) -> int:
-    from anonjoin._report_formats import csv_paths, write_files
+    from anonjoin._load.report_formats import csv_paths, write_files
 
     condition, schedule = _plan_inputs(ns)
     workers = _check_sharding(ns, condition)
@@ -578,8 +578,8 @@ def _load_sync(ns: argparse.Namespace) -> int:
 
 
 def _plan_inputs(ns: argparse.Namespace) -> tuple[Any, Any]:
-    from anonjoin._report import parse_fail_if
-    from anonjoin._runner import ConstantRate, parse_ramp
+    from anonjoin._load.report import parse_fail_if
+    from anonjoin._load.runner import ConstantRate, parse_ramp
 
     condition = parse_fail_if(ns.fail_if) if ns.fail_if is not None else None
     schedule = ConstantRate(ns.rate) if ns.rate else parse_ramp(ns.ramp) if ns.ramp else None
@@ -591,11 +591,11 @@ async def _load(
 ) -> dict[str, Any]:
     """``signals`` receives the names of the signals that stopped the run, first one first; ``reinstall``
     puts back the handlers of :func:`stop_signals_deferred` once the loop's own are removed."""
-    from anonjoin._metrics import Metrics
-    from anonjoin._progress import ProgressDisplay
-    from anonjoin._report import build_report, plural
-    from anonjoin._retry import RetryPolicy
-    from anonjoin._runner import LoadRunner, check_against_service, run_load
+    from anonjoin._async.retry import RetryPolicy
+    from anonjoin._load.metrics import Metrics
+    from anonjoin._load.progress import ProgressDisplay
+    from anonjoin._load.report import build_report, plural
+    from anonjoin._load.runner import LoadRunner, check_against_service, run_load
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -707,7 +707,7 @@ async def _metrics_endpoint(ns: argparse.Namespace, metrics: Any) -> AsyncIterat
             raise ConfigurationError("--metrics-host needs --metrics-port")
         yield
         return
-    from anonjoin._prometheus import serve_metrics
+    from anonjoin._load.prometheus import serve_metrics
 
     async with serve_metrics(metrics, host=ns.metrics_host or "127.0.0.1", port=ns.metrics_port) as server:
         print(f"anonjoin load: Prometheus metrics at {server.url}", file=sys.stderr, flush=True)
@@ -716,7 +716,7 @@ async def _metrics_endpoint(ns: argparse.Namespace, metrics: Any) -> AsyncIterat
 
 def _scoped(store: SessionStore, t: TargetSettings, run_id: str | None) -> tuple[SessionStore, str]:
     """``store`` seen through this run's scope (the target and the run id; a fresh run id if none)."""
-    from anonjoin._store import SessionScope, in_scope, new_run_id
+    from anonjoin._load.store import SessionScope, in_scope, new_run_id
 
     assert t.discover_url and t.endpoint_id and t.meeting_url
     run_id = run_id or new_run_id()
@@ -730,7 +730,7 @@ def _run_inputs(
     ns: argparse.Namespace, target: _Target, schedule: Any, display: str, run_id: str
 ) -> tuple[LoadPlan, int, bool, dict[str, Any]]:
     """The plan of ``anonjoin load``, its meeting count, the shared throttle and the report's settings."""
-    from anonjoin._runner import LoadPlan, pool_size
+    from anonjoin._load.runner import LoadPlan, pool_size
 
     t = target.settings
     assert t.meeting_url and t.origin
@@ -783,7 +783,7 @@ def _ms(value: float | None) -> str:
 
 
 def _print_summary(report: dict[str, Any], written: Sequence[str]) -> None:
-    from anonjoin._report import joins_per_s_text, plural
+    from anonjoin._load.report import joins_per_s_text, plural
 
     j = report["latency"]["join"]
     lines = [
@@ -823,7 +823,7 @@ START_AT_TOLERANCE_S = 2.0
 def _workers_count(text: str) -> int:
     """``--workers``: a count, or ``auto`` (the cores this process may use)."""
     if text.strip().lower() == "auto":
-        from anonjoin._workers import usable_cores
+        from anonjoin._load.workers import usable_cores
 
         return usable_cores()
     return positive_int(text)
@@ -883,7 +883,7 @@ def parse_start_at(text: str, *, now: float | None = None) -> float:
 
 def _check_sharding(ns: argparse.Namespace, condition: Any) -> int:
     """The sharding flags' rules (``ConfigurationError``: exit 2); the worker count to run with."""
-    from anonjoin._runner import Shard
+    from anonjoin._load.runner import Shard
 
     if ns.shard is None:
         if ns.start_at is not None:
@@ -960,13 +960,13 @@ async def _load_workers(
     reinstall: Callable[[], None],
 ) -> dict[str, Any]:
     """``anonjoin load --workers N``: the plan in N shards, one worker process each
-    (:mod:`anonjoin._workers`), prepared, stored and merged here; the embedded simulator, if any, runs
+    (:mod:`anonjoin._load.workers`), prepared, stored and merged here; the embedded simulator, if any, runs
     here and serves them all."""
-    from anonjoin._progress import ProgressDisplay
-    from anonjoin._report import build_report, plural
-    from anonjoin._retry import RetryPolicy
-    from anonjoin._runner import check_against_service
-    from anonjoin._sharded import ShardProgress, run_sharded
+    from anonjoin._async.retry import RetryPolicy
+    from anonjoin._load.progress import ProgressDisplay
+    from anonjoin._load.report import build_report, plural
+    from anonjoin._load.runner import check_against_service
+    from anonjoin._load.sharded import ShardProgress, run_sharded
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -1071,10 +1071,10 @@ def _engine_for(
     for bad flags or a cluster that cannot take the run, before any request to the target.
     """
     if ns.ray is None:
-        from anonjoin._workers import ProcessEngine
+        from anonjoin._load.workers import ProcessEngine
 
         return ProcessEngine(workers), workers, f"in {workers} worker processes", {"workers": workers}
-    from anonjoin._ray import RayEngine
+    from anonjoin._load.ray import RayEngine
 
     engine = RayEngine(ns.ray, shards=ns.shards, verbose=bool(ns.verbose))
     try:
@@ -1119,7 +1119,7 @@ def _load_one_shard(
     ns: argparse.Namespace, schedule: Any, signals: list[str], reinstall: Callable[[], None]
 ) -> int:
     """``anonjoin load --shard K/S --start-at T``: this shard's result (JSON) to ``--report``; no HTML."""
-    from anonjoin._report import plural, write_json
+    from anonjoin._load.report import plural, write_json
 
     result = asyncio.run(_run_one_shard(ns, schedule, signals, reinstall))
     path = write_json(Path(ns.report).expanduser(), result.to_json())
@@ -1145,11 +1145,11 @@ async def _run_one_shard(
 ) -> Any:
     import dataclasses
 
-    from anonjoin._metrics import Metrics
-    from anonjoin._progress import ProgressDisplay
-    from anonjoin._retry import RetryPolicy
-    from anonjoin._runner import LoadRunner, run_load
-    from anonjoin._shards import ShardResult
+    from anonjoin._async.retry import RetryPolicy
+    from anonjoin._load.metrics import Metrics
+    from anonjoin._load.progress import ProgressDisplay
+    from anonjoin._load.runner import LoadRunner, run_load
+    from anonjoin._load.shards import ShardResult
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -1222,7 +1222,7 @@ async def _run_one_shard(
 
 
 def plural_guests(n: int) -> str:
-    from anonjoin._report import plural
+    from anonjoin._load.report import plural
 
     return plural(n, "guest")
 
@@ -1277,8 +1277,8 @@ def _pick_session(guest: str, found: Sequence[Any], settings: TargetSettings) ->
 
 
 async def _rejoin(ns: argparse.Namespace) -> int:
-    from anonjoin._client import Client
-    from anonjoin._store import DEFAULT_LEASE_S, find_sessions, in_scope
+    from anonjoin._async.client import Client
+    from anonjoin._load.store import DEFAULT_LEASE_S, find_sessions, in_scope
 
     base = await open_store_ready(ns.store, create=False)
     try:
@@ -1326,7 +1326,7 @@ async def _rejoin(ns: argparse.Namespace) -> int:
                     try:
                         result = await guest.join()
                     except AnonJoinError as exc:
-                        from anonjoin._runner import failure_reason
+                        from anonjoin._load.runner import failure_reason
 
                         out["reason"] = failure_reason(exc, guest.outcome.reason if guest.outcome else None)
                         await store.get_or_create(
@@ -1399,7 +1399,7 @@ def run_sessions_command(ns: argparse.Namespace) -> int:
 
 
 async def _sessions(ns: argparse.Namespace) -> int:
-    from anonjoin._store import list_sessions
+    from anonjoin._load.store import list_sessions
 
     store = await open_store_ready(ns.store, create=False)
     try:

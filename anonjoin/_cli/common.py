@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from anonjoin._exceptions import ConfigurationError, redact
 
 if TYPE_CHECKING:  # the settings (pydantic-settings, msal) load when a command runs, not for --help
-    from anonjoin._settings import TargetSettings
+    from anonjoin._async.settings import TargetSettings
     from anonjoin.simulator import SimulatorInfo
 
 EXIT_OK = 0
@@ -213,36 +213,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}; see: {self.prog} --help\n")
 
 
-RUN_FIELDS = (
-    "guests",
-    "concurrency",
-    "rate",
-    "ramp",
-    "hold",
-    "meetings",
-    "guest_prefix",
-    "lobby_timeout",
-    "shared_throttle",
-    "faults",
-    "seed",
-    "report",
-    "html",
-    "no_html",
-    "csv",
-    "junit",
-    "fail_if",
-    "progress",
-    "progress_interval",
-    "metrics_port",
-    "metrics_host",
-    "store",
-    "run_id",
-)
-"""The run settings a config file may hold besides the target (``anonjoin load``'s flags of those names,
-the same precedence as the target's: flag, ``ANONJOIN_<NAME>``, ``--config`` file, default;
-``--i-own-this-service`` is not one: it is said on the command line, each time)."""
-
-
 class Default:
     """A run flag's default that also says "not given on the command line" (see :func:`run_settings`):
     such a setting then comes from ``ANONJOIN_<NAME>``, else the ``--config`` file, else this value. Its
@@ -291,7 +261,7 @@ def resolve_run_settings(ns: argparse.Namespace) -> argparse.Namespace:
     if not pending:
         return ns
     config = getattr(ns, "config", None)
-    from anonjoin._settings import ENV_PREFIX, load_run_config
+    from anonjoin._async.settings import ENV_PREFIX, load_run_config
 
     in_file = {k: v for k, v in (load_run_config(config) if config else {}).items() if k in actions}
     in_env = {
@@ -433,7 +403,7 @@ def settings_from_args(ns: argparse.Namespace, **overrides: Any) -> TargetSettin
         "insecure": ns.insecure,
     }
     given.update(overrides)
-    from anonjoin._settings import TargetSettings
+    from anonjoin._async.settings import TargetSettings
 
     return TargetSettings.load(config_file=ns.config, **given)
 
@@ -445,7 +415,7 @@ def is_target(settings: TargetSettings) -> bool:
 
 def simulator_settings(info: SimulatorInfo, *, display_name: str | None) -> TargetSettings:
     """The TargetSettings that point at a running simulator (the environment is not read)."""
-    from anonjoin._settings import TargetSettings
+    from anonjoin._async.settings import TargetSettings
 
     return TargetSettings.load(
         use_env=False,

@@ -1,6 +1,6 @@
 """The HTML load report: one self-contained file, plots as inline SVG drawn here. No script, no network.
 
-:func:`render_html` reads only the JSON report (see :mod:`anonjoin._report`), so an HTML file can be made
+:func:`render_html` reads only the JSON report (see :mod:`anonjoin._load.report`), so an HTML file can be made
 again from a saved JSON one. Every string from the report is escaped; nothing secret is in the report.
 """
 
@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from anonjoin._report import joins_per_s_text
+from anonjoin._load.report import joins_per_s_text
 
 __all__ = ["render_html"]
 

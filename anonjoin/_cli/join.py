@@ -2,7 +2,7 @@
 
 With no target at all (no target flag, no ``ANONJOIN_*`` target variable, no target in the config file) it
 starts the embedded simulator and joins its default meeting. Otherwise the target comes from flags over
-the environment over ``--config FILE`` (see :mod:`anonjoin._settings`); the client secret from
+the environment over ``--config FILE`` (see :mod:`anonjoin._async.settings`); the client secret from
 ``--client-secret``, ``ANONJOIN_CLIENT_SECRET`` or the config file.
 
 It prints each step as the client's hooks report it (or, with ``--json``, exactly one JSON object at the
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from anonjoin._cli_common import (
+from anonjoin._cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -53,8 +53,8 @@ from anonjoin._exceptions import (
 )
 
 if TYPE_CHECKING:  # loaded when the command runs, not for --help
-    from anonjoin._auth import ClientSecretCredential
-    from anonjoin._settings import TargetSettings
+    from anonjoin._async.auth import ClientSecretCredential
+    from anonjoin._async.settings import TargetSettings
 
 __all__ = ["register", "run"]
 
@@ -238,7 +238,7 @@ def _run_guarded(
 
 
 def _one_line_warnings() -> None:
-    from anonjoin._settings import InsecureTLSWarning
+    from anonjoin._async.settings import InsecureTLSWarning
 
     """Inside ``catch_warnings``: the insecure-TLS warning once, as one line; urllib3's per-request
     ``InsecureRequestWarning`` (msal's requests to Azure AD) silenced, since that one line says it all."""
@@ -332,9 +332,9 @@ async def _embedded_simulator(settings: TargetSettings, report: _Report) -> Asyn
 
 
 async def _join(ns: argparse.Namespace, settings: TargetSettings, report: _Report) -> int:
-    from anonjoin._client import Client
-    from anonjoin._events import Hooks
-    from anonjoin._retry import RetryPolicy
+    from anonjoin._async.client import Client
+    from anonjoin._async.retry import RetryPolicy
+    from anonjoin._core.events import Hooks
 
     assert settings.discover_url and settings.endpoint_id and settings.meeting_url and settings.origin
     credential = settings.credential()

@@ -19,11 +19,11 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_never
 
-from anonjoin import _constants as C
+from anonjoin._core import constants as C
+from anonjoin._core.events import Observer, Step, StepEvent, log_event
 from anonjoin._core.policy import RejoinPolicy, RetryPolicy, StepStats, exponential_backoff
-from anonjoin._events import Observer, Step, StepEvent, log_event
+from anonjoin._core.protocol import THROTTLE_STATUSES, Action, classify
 from anonjoin._exceptions import ServiceError
-from anonjoin._protocol import THROTTLE_STATUSES, Action, classify
 
 __all__ = [
     "Attempt",

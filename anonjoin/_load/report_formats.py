@@ -1,6 +1,6 @@
 """The report in the formats CI systems read: CSV (like Locust's ``--csv``) and JUnit XML.
 
-Everything here reads only the JSON report dict (see :mod:`anonjoin._report`), so a saved report, or one
+Everything here reads only the JSON report dict (see :mod:`anonjoin._load.report`), so a saved report, or one
 merged from several shards, can be written again in these formats. Every file is written atomically.
 
 - ``write_csv(report, prefix)``: ``PREFIX_stats.csv``, one row per latency (``join``, ``lobby``,
@@ -25,13 +25,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anonjoin import _report
 from anonjoin._exceptions import ConfigurationError
-from anonjoin._report import REPORT_SCHEMA, Condition, build_report, parse_fail_if
+from anonjoin._load import report as _report
+from anonjoin._load.report import REPORT_SCHEMA, Condition, build_report, parse_fail_if
 from anonjoin._version import __version__
 
 if TYPE_CHECKING:
-    from anonjoin._runner import LoadResult
+    from anonjoin._load.runner import LoadResult
 
 __all__ = ["write_csv", "write_files", "write_junit", "write_report"]
 
@@ -202,7 +202,7 @@ def write_files(
     if json is not None:
         written.append(_report.write_json(Path(json).expanduser(), report))
     if html is not None:
-        from anonjoin._report_html import render_html
+        from anonjoin._load.report_html import render_html
 
         written.append(_report.write_text(Path(html).expanduser(), render_html(report)))
     if csv is not None:

@@ -1,9 +1,9 @@
 """Ray: a plan's shards as async actors of an existing Ray cluster (the ``anonjoin[ray]`` extra).
 
-:class:`RayEngine` is a :class:`~anonjoin._sharded.ShardEngine`. It attaches to a cluster
+:class:`RayEngine` is a :class:`~anonjoin._load.sharded.ShardEngine`. It attaches to a cluster
 (``ray.init(address=...)``, a cluster started with ``ray start --head`` …), checks that every node runs
 this anonjoin, and starts one async actor per shard (one CPU each, spread over the nodes). Each actor runs
-the unchanged asyncio runner on its own event loop (:func:`~anonjoin._sharded.run_shard_job`); the driver
+the unchanged asyncio runner on its own event loop (:func:`~anonjoin._load.sharded.run_shard_job`); the driver
 polls the actors' live counters for the progress display, cancels them all on :meth:`RayEngine.cancel`
 (guests leave, the results still come back) and gathers their results for the parent's exact merge.
 
@@ -30,14 +30,14 @@ from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact
-from anonjoin._metrics import Metrics
-from anonjoin._metrics import Progress as Snapshot
-from anonjoin._sharded import ShardJob, run_shard_job
-from anonjoin._shards import ShardResult
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.metrics import Progress as Snapshot
+from anonjoin._load.sharded import ShardJob, run_shard_job
+from anonjoin._load.shards import ShardResult
 from anonjoin._version import __version__
 
 if TYPE_CHECKING:
-    from anonjoin._runner import LoadRunner
+    from anonjoin._load.runner import LoadRunner
 
 __all__ = ["ACTOR_LOST", "INSTALL_HINT", "RayEngine", "RayNode", "ShardActor"]
 

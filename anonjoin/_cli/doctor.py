@@ -1,4 +1,4 @@
-"""``anonjoin doctor``: a preflight of a target, one line per check (see :mod:`anonjoin._doctor`).
+"""``anonjoin doctor``: a preflight of a target, one line per check (see :mod:`anonjoin._async.doctor`).
 
 The target comes as for ``anonjoin join``: flags over ``ANONJOIN_*`` over ``--config FILE``; with no target
 at all the embedded simulator is started and checked (every check passes). Exit 0 when every check passed,
@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
-from anonjoin._cli_common import (
+from anonjoin._cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -36,12 +36,12 @@ from anonjoin._cli_common import (
 from anonjoin._exceptions import ConfigurationError, redact, redact_url
 
 if TYPE_CHECKING:  # loaded when the command runs, not for --help
-    from anonjoin._doctor import CheckResult, DoctorReport
-    from anonjoin._settings import TargetSettings
+    from anonjoin._async.doctor import CheckResult, DoctorReport
+    from anonjoin._async.settings import TargetSettings
 
 __all__ = ["register", "run"]
 
-DEFAULT_TIMEOUT_S = 10.0  # anonjoin._doctor.DEFAULT_TIMEOUT_S (not imported: --help stays light)
+DEFAULT_TIMEOUT_S = 10.0  # anonjoin._async.doctor.DEFAULT_TIMEOUT_S (not imported: --help stays light)
 _MEETING_PLACEHOLDER = "https://meeting.placeholder.invalid/"
 """Stands in for the meeting URL while the other settings are validated; the real one is judged apart."""
 
@@ -126,7 +126,7 @@ async def _main(ns: argparse.Namespace, out: TextIO) -> DoctorReport:
 async def _doctor(
     ns: argparse.Namespace, settings: TargetSettings, meeting_url: str, label: str, out: TextIO
 ) -> DoctorReport:
-    from anonjoin._doctor import run_doctor
+    from anonjoin._async.doctor import run_doctor
 
     assert settings.discover_url and settings.endpoint_id and settings.origin
     if not ns.json:
@@ -161,7 +161,7 @@ def _given_meeting_url(ns: argparse.Namespace) -> str | None:
     candidates: list[Any] = [ns.meeting_url]
     candidates += [v for k, v in os.environ.items() if k.upper() == "ANONJOIN_MEETING_URL"]
     if ns.config is not None:
-        from anonjoin._settings import load_config_file
+        from anonjoin._async.settings import load_config_file
 
         candidates.append(load_config_file(ns.config).get("meeting_url"))
     for value in candidates:
@@ -194,7 +194,7 @@ def _logging(verbose: bool, log_format: str) -> Iterator[None]:
 def _one_line_warnings() -> None:
     """Inside ``catch_warnings``: a warning (--insecure's) is one line on stderr; urllib3's per-request
     ``InsecureRequestWarning`` is silenced, since that one line says it all."""
-    from anonjoin._settings import InsecureTLSWarning
+    from anonjoin._async.settings import InsecureTLSWarning
 
     warnings.simplefilter("default", InsecureTLSWarning)
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")

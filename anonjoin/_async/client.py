@@ -9,14 +9,14 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from anonjoin import _constants as C
-from anonjoin._events import Hooks, Observer, log_event
+from anonjoin._async.guest import Guest, GuestContext
+from anonjoin._async.http import HttpClient, make_ssl_context
+from anonjoin._async.retry import Clock, RejoinPolicy, RetryPolicy, StepRunner
+from anonjoin._async.service import CredentialLike, ServiceApp
+from anonjoin._core import constants as C
+from anonjoin._core.events import Hooks, Observer, log_event
+from anonjoin._core.models import AdhocMeeting, GuestGrant
 from anonjoin._exceptions import ConfigurationError
-from anonjoin._guest import Guest, GuestContext
-from anonjoin._http import HttpClient, make_ssl_context
-from anonjoin._models import AdhocMeeting, GuestGrant
-from anonjoin._retry import Clock, RejoinPolicy, RetryPolicy, StepRunner
-from anonjoin._service import CredentialLike, ServiceApp
 
 log = logging.getLogger("anonjoin.client")
 

@@ -33,8 +33,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from anonjoin._auth import ClientSecretCredential
-from anonjoin._cli_common import RUN_FIELDS
+from anonjoin._async.auth import ClientSecretCredential
+from anonjoin._core.constants import RUN_FIELDS
 from anonjoin._exceptions import ConfigurationError, redact_url
 
 __all__ = [

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
-from anonjoin import _constants as C
+from anonjoin._async.http import HttpClient, Response
+from anonjoin._async.retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner
+from anonjoin._core import constants as C
 from anonjoin._core.conversation import (
     Conversation,
     DeleteApp,
@@ -33,15 +35,13 @@ from anonjoin._core.conversation import (
     Publish,
     Send,
 )
-from anonjoin._events import Event, GuestEvent, GuestEventKind, Observer, Step, log_event
+from anonjoin._core.events import Event, GuestEvent, GuestEventKind, Observer, Step, log_event
+from anonjoin._core.models import ApplicationBody, GuestGrant, GuestOutcome, JoinResult
+from anonjoin._core.protocol import STEP_FOR_STATE, GuestState
 from anonjoin._exceptions import AnonJoinError, JoinFailed, ServiceError
-from anonjoin._http import HttpClient, Response
-from anonjoin._models import ApplicationBody, GuestGrant, GuestOutcome, JoinResult
-from anonjoin._protocol import STEP_FOR_STATE, GuestState
-from anonjoin._retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner
 
 if TYPE_CHECKING:
-    from anonjoin._service import ServiceApp
+    from anonjoin._async.service import ServiceApp
 
 log = logging.getLogger("anonjoin.guest")
 

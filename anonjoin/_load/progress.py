@@ -1,6 +1,6 @@
 """Live progress of a load run: a rich progress bar on a terminal, plain periodic lines otherwise.
 
-The display reads :meth:`anonjoin._metrics.Metrics.progress` (a handful of counters) on a timer, so it
+The display reads :meth:`anonjoin._load.metrics.Metrics.progress` (a handful of counters) on a timer, so it
 costs nothing per guest. ``mode="auto"`` picks the bar when the stream is a terminal and neither ``CI`` is
 set to a true value nor ``TERM=dumb``; otherwise one line every ``interval_s`` (5 s by default).
 
@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Column
 
-from anonjoin._metrics import Metrics
-from anonjoin._metrics import Progress as Snapshot
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.metrics import Progress as Snapshot
 
 __all__ = ["ProgressDisplay", "ProgressMode", "bar_text", "clock_text", "format_line", "pick_mode"]
 

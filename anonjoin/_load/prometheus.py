@@ -51,7 +51,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from anonjoin._exceptions import ConfigurationError, redact
-from anonjoin._metrics import LatencyHistogram, Metrics
+from anonjoin._load.metrics import LatencyHistogram, Metrics
 
 __all__ = ["BUCKETS_S", "GUEST_STATES", "MetricsCollector", "MetricsServer", "MetricsSource", "serve_metrics"]
 

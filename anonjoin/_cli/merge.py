@@ -1,6 +1,6 @@
 """``anonjoin merge``: the shard results of one run (``anonjoin load --shard K/S``) into its one report.
 
-The merge is exact (:func:`~anonjoin._shards.merge_results`: counters add, histograms add index by index,
+The merge is exact (:func:`~anonjoin._load.shards.merge_results`: counters add, histograms add index by index,
 records interleave back into guest order), so the JSON and HTML reports are those ``anonjoin load`` writes
 for the whole plan run in one process; ``--fail-if`` runs on the merged result. Exit codes as ``load``:
 0 ok; 1 when a shard was interrupted; 99 ``--fail-if`` breached; 1 when no guest joined or a shard is
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from anonjoin._cli_common import (
+from anonjoin._cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_THRESHOLDS,
@@ -89,8 +89,8 @@ def run_merge_command(ns: argparse.Namespace) -> int:
 
 def merged_report(paths: list[str], *, shards: int | None, fail_if: str | None) -> dict[str, Any]:
     """The report of the shard results at ``paths`` (``ConfigurationError`` for what cannot merge)."""
-    from anonjoin._report import build_report, parse_fail_if
-    from anonjoin._shards import SHARD_MISSING, merge_results, read_shard_result
+    from anonjoin._load.report import build_report, parse_fail_if
+    from anonjoin._load.shards import SHARD_MISSING, merge_results, read_shard_result
 
     condition = parse_fail_if(fail_if) if fail_if is not None else None
     results = [read_shard_result(p) for p in paths]
@@ -113,9 +113,9 @@ def merged_report(paths: list[str], *, shards: int | None, fail_if: str | None) 
 
 
 def _merge(ns: argparse.Namespace) -> int:
-    from anonjoin._cli_load import _print_summary
-    from anonjoin._report import write_json, write_text
-    from anonjoin._report_html import render_html
+    from anonjoin._cli.load import _print_summary
+    from anonjoin._load.report import write_json, write_text
+    from anonjoin._load.report_html import render_html
 
     report = merged_report(list(ns.results), shards=ns.shards, fail_if=ns.fail_if)
     written = [str(write_json(Path(ns.report).expanduser(), report))]

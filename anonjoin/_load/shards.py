@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from anonjoin._exceptions import ConfigurationError
-from anonjoin._metrics import Metrics
-from anonjoin._report import GuestRecord
-from anonjoin._runner import (
+from anonjoin._load.metrics import Metrics
+from anonjoin._load.report import GuestRecord
+from anonjoin._load.runner import (
     ConstantRate,
     LinearRamp,
     LoadPlan,
@@ -186,7 +186,7 @@ def read_shard_result(path: str | Path) -> ShardResult:
 
 @dataclasses.dataclass
 class MergedRun:
-    """The merge of a run's shard results: what :func:`~anonjoin._report.build_report` needs."""
+    """The merge of a run's shard results: what :func:`~anonjoin._load.report.build_report` needs."""
 
     guests: list[GuestRecord]
     metrics: Metrics

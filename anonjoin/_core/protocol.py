@@ -22,7 +22,7 @@ Rules of this module (like h11's ``_state.py``):
    :func:`settle`, pure functions of parsed data.
 
 The conversation (:mod:`anonjoin._core.conversation`) feeds the machine and holds the rest of a guest's
-decisions; the drivers (``anonjoin._guest`` with asyncio, ``anonjoin.locust`` with Locust) perform them.
+decisions; the drivers (``anonjoin._async.guest`` with asyncio, ``anonjoin.locust`` with Locust) perform them.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from anonjoin import _constants as C
-from anonjoin._events import ChannelEvent, Step
+from anonjoin._core import constants as C
+from anonjoin._core.events import ChannelEvent, Step
 from anonjoin._exceptions import (
     AuthError,
     CapabilityNotAvailable,
@@ -360,7 +360,7 @@ def plan_expiry(stated_s: float | None, min_lifetime_s: float) -> ExpiryPlan:
     (its ``Date`` header, so clock skew does not shorten it), None when missing or unparsable.
 
     A lifetime under ``min_lifetime_s`` (or none) is suspect: the psat is renewed no sooner than
-    :data:`~anonjoin._constants.REMINT_FLOOR_S` after minting (an unknown one: after ``min_lifetime_s``),
+    :data:`~anonjoin._core.constants.REMINT_FLOOR_S` after minting (an unknown one: after ``min_lifetime_s``),
     and the driver counts each such renewal against the recovery budget (:func:`bad_expiry`).
     """
     if stated_s is None or stated_s != stated_s:  # missing, unparsable, NaN
@@ -376,7 +376,8 @@ def bad_expiry(suspect_grants: int, budget: int) -> bool:
 
 def poll_wait(previous_s: float, took_s: float, idle: bool) -> float:
     """The wait before the next event poll: an idle answer (nothing in it, or only ``resync``) that came
-    faster than :data:`~anonjoin._constants.POLL_FLOOR_S` doubles it (capped); any other answer resets it."""
+    faster than :data:`~anonjoin._core.constants.POLL_FLOOR_S` doubles it (capped); any other answer
+    resets it."""
     if not idle or took_s >= C.POLL_FLOOR_S:
         return 0.0
     if previous_s <= 0:

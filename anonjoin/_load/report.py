@@ -61,9 +61,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from anonjoin._events import Step
+from anonjoin._core.events import Step
 from anonjoin._exceptions import ConfigurationError, redact
-from anonjoin._metrics import PARKED_POLL, LatencyHistogram, Metrics, percentile_ms
+from anonjoin._load.metrics import PARKED_POLL, LatencyHistogram, Metrics, percentile_ms
 from anonjoin._version import __version__
 
 __all__ = [

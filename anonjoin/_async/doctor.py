@@ -35,8 +35,12 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
-from anonjoin import _constants as C
-from anonjoin._events import Observer
+from anonjoin._async.http import HttpClient, make_ssl_context
+from anonjoin._async.retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner
+from anonjoin._async.service import Capabilities, CredentialLike, ServiceApp
+from anonjoin._core import constants as C
+from anonjoin._core.events import Observer
+from anonjoin._core.models import DiscoverBody, GuestGrant, parse_body, require_link
 from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
@@ -51,10 +55,6 @@ from anonjoin._exceptions import (
     redact,
     redact_url,
 )
-from anonjoin._http import HttpClient, make_ssl_context
-from anonjoin._models import DiscoverBody, GuestGrant, parse_body, require_link
-from anonjoin._retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner
-from anonjoin._service import Capabilities, CredentialLike, ServiceApp
 
 __all__ = ["CHECKS", "CheckResult", "CheckStatus", "DoctorReport", "doctor_retry_policy", "run_doctor"]
 
@@ -538,7 +538,7 @@ class _Doctor:
     # -- 8. one guest joins and leaves -------------------------------------------------------------------
 
     async def check_join(self) -> str:
-        from anonjoin._client import Client  # the whole client, only when --join asks for it
+        from anonjoin._async.client import Client  # the whole client, only when --join asks for it
 
         async with Client(
             discover_url=self.discover_url,

@@ -2,7 +2,7 @@
 
 Keys (``prefix`` default ``anonjoin:``):
 
-- ``{prefix}s:{guest}``: a hash with the :class:`~anonjoin._store.SessionRecord` fields. The guest's
+- ``{prefix}s:{guest}``: a hash with the :class:`~anonjoin._load.store.SessionRecord` fields. The guest's
   applicationSessionId is written with ``HSETNX``: the first writer wins, so one guest never gets two ids,
   whichever instances create it at once. ``{prefix}asi:{id}`` maps an id back to its guest (an id given
   for a new guest that is already another guest's is a :class:`~anonjoin.StoreError`).
@@ -10,7 +10,7 @@ Keys (``prefix`` default ``anonjoin:``):
   fencing epoch, ``INCR`` on each claim. Renew and release are compare-and-act Lua on the token; every
   fenced write is a Lua script that checks the lease token and epoch before it writes, so an instance whose
   lease lapsed cannot overwrite the new holder (:class:`~anonjoin.LeaseLost`).
-- Scopes (:class:`~anonjoin._store.SessionScope`): a scoped guest's keys carry the scope as a hash tag,
+- Scopes (:class:`~anonjoin._load.store.SessionScope`): a scoped guest's keys carry the scope as a hash tag,
   ``{prefix}s:{{run_id:digest}}:{guest}`` (the digest: 16 hex digits of the target's SHA-256), so every key
   of one scope hashes to one slot; the legacy scope's keys have no tag (the keys of a store written before
   scopes existed). The hash also holds ``run_id`` and ``target``. The ``asi:`` map is global (one
@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Redis session store needs redis-py: pip install 'anonjoin[redis]'") from exc
 
 from anonjoin._exceptions import LeaseLost, StoreError
-from anonjoin._store import (
+from anonjoin._load.store import (
     LEGACY_SCOPE,
     Fence,
     NewSession,

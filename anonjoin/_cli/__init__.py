@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-from anonjoin._cli_common import (
+from anonjoin._cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -49,10 +49,10 @@ def _registrations() -> list[Callable[[argparse._SubParsersAction[argparse.Argum
     # Each module is optional while the package grows; a missing one simply has no sub-command.
     for name in (
         "anonjoin.simulator._cli",
-        "anonjoin._cli_join",
-        "anonjoin._cli_load",
-        "anonjoin._cli_doctor",
-        "anonjoin._cli_merge",
+        "anonjoin._cli.join",
+        "anonjoin._cli.load",
+        "anonjoin._cli.doctor",
+        "anonjoin._cli.merge",
     ):
         try:
             module = importlib.import_module(name)

@@ -6,8 +6,8 @@ machine's, and one writer keeps it simple), then hands each shard a :class:`Shar
 everything a process on another machine needs (the target, the CA's bytes, the policies, the shard's
 guests and their ids). An engine (:class:`ShardEngine`: worker processes, Ray actors) runs the jobs at one
 wall-clock ``start_at`` with :func:`run_shard_job` and gives back each shard's
-:class:`~anonjoin._shards.ShardResult`, or ``None`` for a shard it lost. The parent merges them exactly
-(:func:`~anonjoin._shards.merge_results`; a lost shard's guests are ``cancelled`` with the engine's
+:class:`~anonjoin._load.shards.ShardResult`, or ``None`` for a shard it lost. The parent merges them exactly
+(:func:`~anonjoin._load.shards.merge_results`; a lost shard's guests are ``cancelled`` with the engine's
 reason) and writes every guest's outcome to the store.
 
 A shard never re-runs: a re-run would be new guests joining under old ids. What an engine loses it
@@ -25,14 +25,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from anonjoin._async.retry import RejoinPolicy, RetryPolicy
+from anonjoin._async.settings import TargetSettings
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, StoreError
-from anonjoin._metrics import Metrics, earliest_phase
-from anonjoin._metrics import Progress as Snapshot
-from anonjoin._retry import RejoinPolicy, RetryPolicy
-from anonjoin._runner import STORE_BATCH, LoadPlan, LoadRunner, Shard, pool_size, run_load
-from anonjoin._settings import TargetSettings
-from anonjoin._shards import MergedRun, ShardResult, merge_results
-from anonjoin._store import MemorySessionStore, NewSession, Outcome, SessionStore
+from anonjoin._load.metrics import Metrics, earliest_phase
+from anonjoin._load.metrics import Progress as Snapshot
+from anonjoin._load.runner import STORE_BATCH, LoadPlan, LoadRunner, Shard, pool_size, run_load
+from anonjoin._load.shards import MergedRun, ShardResult, merge_results
+from anonjoin._load.store import MemorySessionStore, NewSession, Outcome, SessionStore
 
 __all__ = [
     "START_SLACK_S",
@@ -263,7 +263,7 @@ async def prepare_plan(
     check_links: Callable[[Sequence[str]], None] | None,
 ) -> LoadPlan:
     """What happens once, before sharding: the service's links judged, the missing meetings made."""
-    from anonjoin._client import Client
+    from anonjoin._async.client import Client
 
     assert target.discover_url and target.endpoint_id
     credential = target.credential()

@@ -2,7 +2,7 @@
 
 The Client's first discover is its preflight: until the service has answered once, a connection that cannot
 be made for a known reason (refused, DNS, a port without TLS) is final at once, with its cause, for every
-caller of this Client (:func:`anonjoin._protocol.classify` with ``answered=False``).
+caller of this Client (:func:`anonjoin._core.protocol.classify` with ``answered=False``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from typing import Any, Protocol
 
 from yarl import URL
 
-from anonjoin import _constants as C
+from anonjoin._async.http import HttpClient, Response, parse_http_date
+from anonjoin._async.retry import Attempt, Clock, StepRunner, StepStats
+from anonjoin._core import constants as C
+from anonjoin._core.events import Step, log_event
+from anonjoin._core.models import (
+    AdhocMeeting,
+    GuestGrant,
+)
+from anonjoin._core.protocol import Action, classify
 from anonjoin._core.service import (
     Capabilities,
     discovery,
@@ -24,7 +32,6 @@ from anonjoin._core.service import (
     stale_link,
     token_body,
 )
-from anonjoin._events import Step, log_event
 from anonjoin._exceptions import (
     AnonJoinError,
     AuthError,
@@ -34,13 +41,6 @@ from anonjoin._exceptions import (
     ServiceError,
     TransportError,
 )
-from anonjoin._http import HttpClient, Response, parse_http_date
-from anonjoin._models import (
-    AdhocMeeting,
-    GuestGrant,
-)
-from anonjoin._protocol import Action, classify
-from anonjoin._retry import Attempt, Clock, StepRunner, StepStats
 
 __all__ = ["AccessTokenLike", "Capabilities", "CredentialLike", "ServiceApp"]
 
@@ -53,7 +53,7 @@ class AccessTokenLike(Protocol):
 
 
 class CredentialLike(Protocol):
-    """What the client needs from a credential (``anonjoin._auth.Credential`` fits)."""
+    """What the client needs from a credential (``anonjoin._async.auth.Credential`` fits)."""
 
     async def token(self) -> Any: ...
     async def refresh(self, rejected: Any) -> Any: ...
