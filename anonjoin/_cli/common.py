@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from anonjoin._exceptions import ConfigurationError, redact
 
@@ -431,3 +431,31 @@ def simulator_settings(info: SimulatorInfo, *, display_name: str | None) -> Targ
         ca_file=info.ca_file,
         display_name=display_name,
     )
+
+
+def error_line(command: str, text: str) -> None:
+    """One line on stderr: ``anonjoin COMMAND: text`` (secrets redacted, white space folded)."""
+    print(f"anonjoin {command}: {' '.join(redact(text).split())}", file=sys.stderr, flush=True)
+
+
+def one_line_warnings(command: str) -> None:
+    """Inside ``catch_warnings``: the insecure-TLS warning once, as one line; urllib3's per-request
+    ``InsecureRequestWarning`` (msal's requests to Azure AD) silenced, since that one line says it all."""
+    import warnings
+
+    from anonjoin._async.settings import InsecureTLSWarning
+
+    warnings.simplefilter("default", InsecureTLSWarning)
+    warnings.filterwarnings("ignore", message="Unverified HTTPS request")  # urllib3's, without importing it
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        error_line(command, f"warning: {message}")
+
+    warnings.showwarning = show

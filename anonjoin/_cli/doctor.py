@@ -27,7 +27,9 @@ from anonjoin._cli.common import (
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
     add_target_arguments,
+    error_line,
     is_target,
+    one_line_warnings,
     positive_float,
     settings_from_args,
     simulator_settings,
@@ -192,25 +194,8 @@ def _logging(verbose: bool, log_format: str) -> Iterator[None]:
 
 
 def _one_line_warnings() -> None:
-    """Inside ``catch_warnings``: a warning (--insecure's) is one line on stderr; urllib3's per-request
-    ``InsecureRequestWarning`` is silenced, since that one line says it all."""
-    from anonjoin._async.settings import InsecureTLSWarning
-
-    warnings.simplefilter("default", InsecureTLSWarning)
-    warnings.filterwarnings("ignore", message="Unverified HTTPS request")
-
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        _error_line(f"warning: {message}")
-
-    warnings.showwarning = show
+    one_line_warnings("doctor")
 
 
 def _error_line(text: str) -> None:
-    print(f"anonjoin doctor: {' '.join(redact(text).split())}", file=sys.stderr, flush=True)
+    error_line("doctor", text)

@@ -33,9 +33,11 @@ from anonjoin._cli.common import (
     REQUIRED_FOR_TARGET,
     STOP_SIGNALS,
     add_target_arguments,
+    error_line,
     exit_code_for_signal,
     is_target,
     non_negative_float,
+    one_line_warnings,
     positive_float,
     positive_int,
     settings_from_args,
@@ -238,28 +240,11 @@ def _run_guarded(
 
 
 def _one_line_warnings() -> None:
-    from anonjoin._async.settings import InsecureTLSWarning
-
-    """Inside ``catch_warnings``: the insecure-TLS warning once, as one line; urllib3's per-request
-    ``InsecureRequestWarning`` (msal's requests to Azure AD) silenced, since that one line says it all."""
-    warnings.simplefilter("default", InsecureTLSWarning)
-    warnings.filterwarnings("ignore", message="Unverified HTTPS request")  # urllib3's, without importing it
-
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        _error_line(f"warning: {message}")
-
-    warnings.showwarning = show
+    one_line_warnings("join")
 
 
 def _error_line(text: str) -> None:
-    print(f"anonjoin join: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    error_line("join", text)
 
 
 def _log_to_stderr(log_format: str) -> logging.Handler:
