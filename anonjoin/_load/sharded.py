@@ -43,7 +43,7 @@ from anonjoin._async.settings import TargetSettings
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, LeaseHeld, LeaseLost, StoreError
 from anonjoin._load.metrics import Metrics, earliest_phase
 from anonjoin._load.metrics import Progress as Snapshot
-from anonjoin._load.runner import STORE_BATCH, LoadPlan, LoadRunner, Shard, pool_size, run_load
+from anonjoin._load.runner import STORE_BATCH, LoadPlan, LoadResult, LoadRunner, Shard, pool_size, run_load
 from anonjoin._load.shards import MergedRun, ShardResult, merge_results
 from anonjoin._load.store import Fence, Lease, MemorySessionStore, NewSession, Outcome, SessionStore
 
@@ -57,10 +57,14 @@ __all__ = [
     "ShardProgress",
     "ShardStates",
     "assign_sessions",
+    "check_sharded_options",
     "prepare_plan",
+    "run_load_sharded",
     "run_shard_job",
     "run_sharded",
     "save_outcomes",
+    "take_leases",
+    "target_of",
 ]
 
 START_SLACK_S = 1.0
@@ -548,3 +552,140 @@ async def run_sharded(
     finally:
         await release_leases(leases.values())
     return merged
+
+
+def check_sharded_options(
+    *,
+    workers: int,
+    hooks: object,
+    metrics: object,
+    on_runner: object,
+    start_at: float | None,
+    plan: LoadPlan,
+) -> None:
+    """What :func:`~anonjoin.run_load` refuses with ``workers=``/``ray=``: what lives in one process."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigurationError(f"workers must be a whole number >= 1, got {workers!r}")
+    refused = [
+        name
+        for name, value in (
+            ("hooks", hooks),
+            ("metrics", metrics),
+            ("on_runner", on_runner),
+            ("start_at", start_at),
+        )
+        if value is not None
+    ]
+    if refused:
+        raise ConfigurationError(
+            f"run_load with workers= or ray= takes no {', '.join(refused)}: the shards run in other "
+            "processes, where a callback or a live Metrics of this one cannot reach (read the merged "
+            "LoadResult.metrics at the end; for live metrics use run_sharded(on_state=ShardStates.update))"
+        )
+    if plan.shard.count > 1:
+        raise ConfigurationError(
+            "run_load with workers= or ray= shards the whole plan: give a plan without shard"
+        )
+
+
+def target_of(
+    *,
+    discover_url: str,
+    endpoint_id: str,
+    credential: object,
+    ca_file: str | None,
+    verify_tls: bool,
+) -> TargetSettings:
+    """The picklable target a shard in another process needs, from :func:`~anonjoin.run_load`'s arguments.
+
+    Only a :class:`~anonjoin.ClientSecretCredential` can travel (a shard builds its own from the client id
+    and secret); any other credential is a :class:`~anonjoin.ConfigurationError`.
+    """
+    from anonjoin._async.auth import ClientSecretCredential
+
+    if not isinstance(credential, ClientSecretCredential):
+        raise ConfigurationError(
+            f"run_load with workers= or ray= needs a ClientSecretCredential (each shard process builds its "
+            f"own from the client id and secret), not a {type(credential).__name__}: run it without "
+            "workers/ray, or give a ClientSecretCredential"
+        )
+    if credential.ca_file is not None and credential.ca_file != ca_file:
+        raise ConfigurationError(
+            "run_load with workers= or ray= uses one CA file for the service and Azure AD: give the "
+            "credential the same ca_file as run_load (or none)"
+        )
+    if credential.verify_tls != verify_tls:
+        raise ConfigurationError(
+            "run_load with workers= or ray= verifies TLS the same way for the service and Azure AD: give "
+            "the credential the same verify_tls as run_load"
+        )
+    return TargetSettings.load(
+        use_env=False,
+        discover_url=discover_url,
+        endpoint_id=endpoint_id,
+        authority=credential.authority,
+        client_id=credential.client_id,
+        client_secret=credential._client_secret,
+        scope=credential.scope,
+        ca_file=ca_file,
+        insecure=not verify_tls,
+    )
+
+
+async def run_load_sharded(
+    plan: LoadPlan,
+    *,
+    target: TargetSettings,
+    workers: int,
+    ray: str | None,
+    shards: int | None,
+    retry: RetryPolicy | None,
+    rejoin: RejoinPolicy | None,
+    store: SessionStore | None,
+    lease_s: float | None,
+    meetings: int,
+    check_links: Callable[[Sequence[str]], None] | None,
+) -> LoadResult:
+    """:func:`~anonjoin.run_load` with ``workers=N`` (N worker processes) or ``ray=ADDRESS`` (Ray actors):
+    the plan in shards through :func:`run_sharded`, merged into one :class:`~anonjoin.LoadResult`."""
+    from anonjoin._exceptions import redact
+
+    engine: ShardEngine
+    settings: dict[str, Any]
+    if ray is not None:
+        from anonjoin._load.ray import RayEngine
+
+        if workers > 1:
+            raise ConfigurationError("ray= and workers= are two ways to run the shards: give one")
+        ray_engine = RayEngine(ray, shards=shards)
+        ray_engine.connect()
+        count = (
+            shards
+            if shards is not None
+            else max(1, min(ray_engine.cluster_cpus, plan.guests, plan.concurrency))
+        )
+        ray_engine.shards = count
+        engine, settings = ray_engine, {"ray": redact(ray)}
+    else:
+        from anonjoin._load.workers import ProcessEngine
+
+        if shards is not None:
+            raise ConfigurationError("shards= applies to ray= (worker processes: one shard each, workers=N)")
+        engine, count, settings = ProcessEngine(workers), workers, {"workers": workers}
+    try:
+        merged = await run_sharded(
+            plan,
+            engine,
+            target=target,
+            store=store if store is not None else MemorySessionStore(),
+            shards=count,
+            retry=retry,
+            rejoin=rejoin,
+            meetings=meetings,
+            check_links=check_links,
+            settings=settings,
+            lease_s=lease_s,
+        )
+    finally:
+        getattr(engine, "disconnect", lambda: None)()
+    return LoadResult(merged.guests, merged.metrics, merged.started_at, merged.interrupted, merged.warnings)
