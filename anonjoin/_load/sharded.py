@@ -580,7 +580,7 @@ def check_sharded_options(
         raise ConfigurationError(
             f"run_load with workers= or ray= takes no {', '.join(refused)}: the shards run in other "
             "processes, where a callback or a live Metrics of this one cannot reach (read the merged "
-            "LoadResult.metrics at the end; for live metrics use run_sharded(on_state=ShardStates.update))"
+            "LoadResult.metrics at the end; for live metrics: run_sharded(..., on_state=...))"
         )
     if plan.shard.count > 1:
         raise ConfigurationError(

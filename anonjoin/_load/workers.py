@@ -7,8 +7,9 @@ talk over one pipe each:
 - worker → parent: ``("ready", pid)`` once it can take a job; ``("progress", snapshot)`` every
   ``progress_interval_s``; ``("state", Metrics.to_state())`` every ``state_interval_s`` (the parent's merged
   live metrics); ``("result", ShardResult)`` at the end, or ``("error", text)``.
-- parent → worker: ``("job", ShardJob)``; ``("cancel",)`` (no more arrivals, joined guests leave, the
-  result still comes back); ``("stop",)`` before a job (exit at once).
+- parent → worker: ``("job", ShardJob, states)`` (``states``: whether the parent wants the states at all);
+  ``("cancel",)`` (no more arrivals, joined guests leave, the result still comes back); ``("stop",)`` before
+  a job (exit at once).
 
 The pipe is also how each side notices the other's death. A worker that dies (``kill -9``, a crash) closes
 its end: the parent sees the end of the pipe and reports the worker's shard lost (``worker lost``). A
@@ -239,7 +240,7 @@ class ProcessEngine:
         self._on_state = on_state
         busy = self._workers[: len(jobs)]
         for worker, job in zip(busy, jobs, strict=True):
-            self._send(worker, ("job", job))
+            self._send(worker, ("job", job, on_state is not None))
             if self._cancelled:
                 self._send(worker, ("cancel",))
         for worker in self._workers[len(jobs) :]:
@@ -363,7 +364,8 @@ def worker_main(
     if msg[0] != "job":
         return
     try:
-        asyncio.run(_run_job(conn, msg[1], progress_interval_s, state_interval_s))
+        states = state_interval_s if len(msg) > 2 and msg[2] else None
+        asyncio.run(_run_job(conn, msg[1], progress_interval_s, states))
     except BaseException as exc:  # one line to the parent, never a traceback on the shared stderr
         with contextlib.suppress(OSError, ValueError):
             conn.send(("error", redact(f"{type(exc).__name__}: {exc}")[:300]))
@@ -371,7 +373,9 @@ def worker_main(
         conn.close()
 
 
-async def _run_job(conn: Connection, job: ShardJob, interval_s: float, state_interval_s: float) -> None:
+async def _run_job(
+    conn: Connection, job: ShardJob, interval_s: float, state_interval_s: float | None
+) -> None:
     from anonjoin._load.metrics import Metrics
     from anonjoin._load.runner import LoadRunner
     from anonjoin._load.sharded import run_shard_job
@@ -423,7 +427,7 @@ async def _run_job(conn: Connection, job: ShardJob, interval_s: float, state_int
         while True:
             await asyncio.sleep(interval_s)
             send(("progress", metrics.progress()))
-            if loop.time() - last_state >= state_interval_s:
+            if state_interval_s is not None and loop.time() - last_state >= state_interval_s:
                 last_state = loop.time()
                 send(("state", metrics.to_state()))
 
