@@ -275,7 +275,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--metrics-port",
         type=_port,
         metavar="PORT",
-        help="serve Prometheus metrics on http://HOST:PORT/metrics during the run (0: a free port)",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics during the run (0: a free port); with "
+        "--workers/--ray, the merged view of every shard (each reports its metrics every second)",
     )
     out.add_argument("--metrics-host", metavar="HOST", help="address of --metrics-port (default 127.0.0.1)")
     out.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
