@@ -275,7 +275,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--metrics-port",
         type=_port,
         metavar="PORT",
-        help="serve Prometheus metrics on http://HOST:PORT/metrics during the run (0: a free port)",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics during the run (0: a free port); with "
+        "--workers/--ray, the merged view of every shard (each reports its metrics every second)",
     )
     out.add_argument("--metrics-host", metavar="HOST", help="address of --metrics-port (default 127.0.0.1)")
     out.add_argument("-v", "--verbose", action="store_true", help="log to stderr (secrets redacted)")
@@ -966,7 +967,7 @@ async def _load_workers(
     from anonjoin._load.progress import ProgressDisplay
     from anonjoin._load.report import build_report, plural
     from anonjoin._load.runner import check_against_service
-    from anonjoin._load.sharded import ShardProgress, run_sharded
+    from anonjoin._load.sharded import ShardProgress, ShardStates, run_sharded
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -995,7 +996,11 @@ async def _load_workers(
                     flush=True,
                 )
                 live = ShardProgress(ns.guests, shards)
-                async with ProgressDisplay(live, mode=ns.progress, interval_s=ns.progress_interval):
+                states = ShardStates(shards)  # --metrics-port: the merged view of the shards' metrics
+                async with (
+                    _metrics_endpoint(ns, states.metrics),
+                    ProgressDisplay(live, mode=ns.progress, interval_s=ns.progress_interval),
+                ):
                     merged = await run_sharded(
                         plan,
                         engine,
@@ -1007,6 +1012,8 @@ async def _load_workers(
                         check_links=partial(_judge_hosts, ns.guests) if guarded else None,
                         settings=run_settings,
                         on_progress=live.update,
+                        on_state=states.update if ns.metrics_port is not None else None,
+                        lease_s=lease_for(store),
                     )
                 service_check = (
                     check_against_service(merged.guests, await target.snapshot())

@@ -4,7 +4,8 @@
 (``ray.init(address=...)``, a cluster started with ``ray start --head`` …), checks that every node runs
 this anonjoin, and starts one async actor per shard (one CPU each, spread over the nodes). Each actor runs
 the unchanged asyncio runner on its own event loop (:func:`~anonjoin._load.sharded.run_shard_job`); the driver
-polls the actors' live counters for the progress display, cancels them all on :meth:`RayEngine.cancel`
+polls the actors' live counters for the progress display (and their whole metrics state every
+``state_interval_s``, for the parent's merged live metrics), cancels them all on :meth:`RayEngine.cancel`
 (guests leave, the results still come back) and gathers their results for the parent's exact merge.
 
 Actors never restart and their calls never retry (``max_restarts=0``, ``max_task_retries=0``): a shard
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact
 from anonjoin._load.metrics import Metrics
 from anonjoin._load.metrics import Progress as Snapshot
-from anonjoin._load.sharded import ShardJob, run_shard_job
+from anonjoin._load.sharded import STATE_INTERVAL_S, ShardJob, StateCallback, run_shard_job
 from anonjoin._load.shards import ShardResult
 from anonjoin._version import __version__
 
@@ -105,6 +106,10 @@ class ShardActor:
         """The shard's live counters (``None`` before its run starts)."""
         return None if self._metrics is None else self._metrics.progress()
 
+    async def state(self) -> dict[str, Any] | None:
+        """The shard's whole :meth:`~anonjoin.Metrics.to_state` (``None`` before its run starts)."""
+        return None if self._metrics is None else self._metrics.to_state()
+
     async def cancel(self) -> None:
         """No more arrivals, joined guests leave; :meth:`run` still returns the shard's result."""
         self._cancelled = True
@@ -120,6 +125,8 @@ class _Shard:
     node: str
     result: asyncio.Future[Any] | None = None
     poll: asyncio.Future[Any] | None = None
+    state: asyncio.Future[Any] | None = None
+    state_asked_at: float = 0.0
     answered_at: float = 0.0
     done: bool = False
 
@@ -175,6 +182,7 @@ class RayEngine:
         shards: int | None = None,
         verbose: bool = False,
         progress_interval_s: float = 0.25,
+        state_interval_s: float = STATE_INTERVAL_S,
         start_timeout_s: float = 120.0,
         lost_after_s: float = 30.0,
         cancel_grace_s: float = 120.0,
@@ -196,6 +204,7 @@ class RayEngine:
         self.failures: dict[int, str] = {}
         """Why each lost shard was lost (one line each)."""
         self._interval = progress_interval_s
+        self._state_interval = state_interval_s
         self._start_timeout = start_timeout_s
         self._lost_after = lost_after_s
         self._cancel_grace = cancel_grace_s
@@ -359,7 +368,10 @@ class RayEngine:
     # -- the run --------------------------------------------------------------------------------------
 
     async def run(
-        self, jobs: Sequence[ShardJob], on_progress: Callable[[int, Snapshot], None]
+        self,
+        jobs: Sequence[ShardJob],
+        on_progress: Callable[[int, Snapshot], None],
+        on_state: StateCallback | None = None,
     ) -> list[ShardResult | None]:
         """Run one job per actor (in shard order); ``None`` for a shard whose actor was lost."""
         ray = self._ray
@@ -394,6 +406,8 @@ class RayEngine:
                             ray.kill(s.actor, no_restart=True)
                     continue
                 self._poll(ray, k, s, now, on_progress)
+                if on_state is not None:
+                    self._poll_state(ray, k, s, now, on_state)
                 if now - s.answered_at > self._lost_after:
                     self._lose(ray, k, s, f"no answer for {self._lost_after:.0f} s")
                 elif cancel_deadline is not None and now > cancel_deadline:
@@ -418,6 +432,19 @@ class RayEngine:
                 s.poll = _future(ray, s.actor.progress.remote())
             except Exception as exc:  # the handle of a dead actor may refuse at once
                 log.debug("anonjoin.ray.poll_refused", extra={"shard": k, "error": _one_line(exc)})
+
+    def _poll_state(self, ray: ModuleType, k: int, s: _Shard, now: float, on_state: StateCallback) -> None:
+        """Read the last state answer (if any); ask again every ``state_interval_s``, one in flight."""
+        if s.state is not None and s.state.done():
+            if s.state.exception() is None and s.state.result() is not None:
+                on_state(k, s.state.result())
+            s.state = None
+        if s.state is None and now - s.state_asked_at >= self._state_interval:
+            s.state_asked_at = now
+            try:
+                s.state = _future(ray, s.actor.state.remote())
+            except Exception as exc:  # the handle of a dead actor may refuse at once
+                log.debug("anonjoin.ray.state_refused", extra={"shard": k, "error": _one_line(exc)})
 
     def _collect(self, ray: ModuleType, k: int, fut: asyncio.Future[Any]) -> ShardResult | None:
         exc = fut.exception()

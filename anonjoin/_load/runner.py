@@ -924,6 +924,9 @@ async def run_load(
     on_runner: Callable[[LoadRunner], None] | None = None,
     check_links: Callable[[Sequence[str]], None] | None = None,
     start_at: float | None = None,
+    workers: int = 1,
+    ray: str | None = None,
+    shards: int | None = None,
 ) -> LoadResult:
     """Run ``plan`` with one :class:`Client` for every guest, its pool sized to the concurrency.
 
@@ -934,7 +937,41 @@ async def run_load(
     any meeting is made or guest sent; it raises to stop the run. ``start_at``: the wall-clock time (Unix
     seconds) of the first arrival, shared by the shards of one run (``plan.shard``); they make no meetings
     (``meetings`` is for an unsharded plan, or for the one process that prepares the shards' plan).
+
+    ``workers=N`` (N > 1) runs the plan in N shards, one worker process of this machine each;
+    ``ray="ADDRESS"`` (with ``shards=S``, default the cluster's CPUs) as actors of a Ray cluster
+    (:func:`~anonjoin.run_sharded`; the result's ``metrics`` are the shards' exact merge). The shards build
+    their own client, so ``credential`` must be a :class:`~anonjoin.ClientSecretCredential`; ``hooks``,
+    ``metrics``, ``on_runner`` and ``start_at`` are of one process and are refused with them
+    (:class:`~anonjoin.ConfigurationError`). Cancelling the call stops the shards (their processes or
+    actors are killed). ``workers=1`` and no ``ray`` is the one-process run.
     """
+    if workers != 1 or ray is not None or shards is not None:
+        from anonjoin._load import sharded
+
+        sharded.check_sharded_options(
+            workers=workers, hooks=hooks, metrics=metrics, on_runner=on_runner, start_at=start_at, plan=plan
+        )
+        target = sharded.target_of(
+            discover_url=discover_url,
+            endpoint_id=endpoint_id,
+            credential=credential,
+            ca_file=ca_file,
+            verify_tls=verify_tls,
+        )
+        return await sharded.run_load_sharded(
+            plan,
+            target=target,
+            workers=workers,
+            ray=ray,
+            shards=shards,
+            retry=retry,
+            rejoin=rejoin,
+            store=store,
+            lease_s=lease_s,
+            meetings=meetings,
+            check_links=check_links,
+        )
     if plan.shard.count > 1 and meetings > len(plan.meeting_urls):
         raise ConfigurationError(
             "a shard does not create meetings: create them once and give every shard the same meeting URLs"

@@ -5,9 +5,11 @@ loop, sockets or simulator is inherited, and importing this module starts nothin
 talk over one pipe each:
 
 - worker → parent: ``("ready", pid)`` once it can take a job; ``("progress", snapshot)`` every
-  ``progress_interval_s``; ``("result", ShardResult)`` at the end, or ``("error", text)``.
-- parent → worker: ``("job", ShardJob)``; ``("cancel",)`` (no more arrivals, joined guests leave, the
-  result still comes back); ``("stop",)`` before a job (exit at once).
+  ``progress_interval_s``; ``("state", Metrics.to_state())`` every ``state_interval_s`` (the parent's merged
+  live metrics); ``("result", ShardResult)`` at the end, or ``("error", text)``.
+- parent → worker: ``("job", ShardJob, states)`` (``states``: whether the parent wants the states at all);
+  ``("cancel",)`` (no more arrivals, joined guests leave, the result still comes back); ``("stop",)`` before
+  a job (exit at once).
 
 The pipe is also how each side notices the other's death. A worker that dies (``kill -9``, a crash) closes
 its end: the parent sees the end of the pipe and reports the worker's shard lost (``worker lost``). A
@@ -35,7 +37,7 @@ from typing import Any
 
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, redact
 from anonjoin._load.metrics import Progress as Snapshot
-from anonjoin._load.sharded import ShardJob
+from anonjoin._load.sharded import STATE_INTERVAL_S, ShardJob, StateCallback
 from anonjoin._load.shards import WORKER_LOST, ShardResult
 
 __all__ = ["ProcessEngine", "usable_cores"]
@@ -90,6 +92,7 @@ class ProcessEngine:
         workers: int,
         *,
         progress_interval_s: float = 0.25,
+        state_interval_s: float = STATE_INTERVAL_S,
         start_timeout_s: float = START_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
     ) -> None:
@@ -97,14 +100,18 @@ class ProcessEngine:
             raise ConfigurationError(f"workers must be >= 1, got {workers}")
         if progress_interval_s <= 0:
             raise ConfigurationError("the progress interval must be > 0 seconds")
+        if state_interval_s <= 0:
+            raise ConfigurationError("the state interval must be > 0 seconds")
         self.workers = workers
         self._interval = progress_interval_s
+        self._state_interval = state_interval_s
         self._start_timeout = start_timeout_s
         self._stop_timeout = stop_timeout_s
         self._workers: list[_Worker] = []
         self._cancelled = False
         self._cancel_event: asyncio.Event | None = None
         self._on_progress: Callable[[int, Snapshot], None] | None = None
+        self._on_state: StateCallback | None = None
         self._used = False
         self._shut = False
 
@@ -131,7 +138,7 @@ class ProcessEngine:
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 process = ctx.Process(
                     target=worker_main,
-                    args=(child_end, self._interval),
+                    args=(child_end, self._interval, self._state_interval),
                     name=f"anonjoin-worker-{k}",
                     daemon=True,
                 )
@@ -179,6 +186,9 @@ class ProcessEngine:
         elif kind == "progress":
             if self._on_progress is not None:
                 self._on_progress(worker.index, msg[1])
+        elif kind == "state":
+            if self._on_state is not None:
+                self._on_state(worker.index, msg[1])
         elif kind == "result":
             if not worker.result.done():
                 worker.result.set_result(msg[1])
@@ -213,7 +223,10 @@ class ProcessEngine:
     # -- the run -----------------------------------------------------------------------------------
 
     async def run(
-        self, jobs: Sequence[ShardJob], on_progress: Callable[[int, Snapshot], None]
+        self,
+        jobs: Sequence[ShardJob],
+        on_progress: Callable[[int, Snapshot], None],
+        on_state: StateCallback | None = None,
     ) -> list[ShardResult | None]:
         """Give job k to worker k and wait for every result (``None`` for a worker lost)."""
         if not self._workers:
@@ -224,9 +237,10 @@ class ProcessEngine:
             raise ConfigurationError(f"{len(jobs)} jobs for {len(self._workers)} worker process(es)")
         self._used = True
         self._on_progress = on_progress
+        self._on_state = on_state
         busy = self._workers[: len(jobs)]
         for worker, job in zip(busy, jobs, strict=True):
-            self._send(worker, ("job", job))
+            self._send(worker, ("job", job, on_state is not None))
             if self._cancelled:
                 self._send(worker, ("cancel",))
         for worker in self._workers[len(jobs) :]:
@@ -336,7 +350,9 @@ async def _exited(loop: asyncio.AbstractEventLoop, process: Any, within_s: float
 # -- the worker's side -----------------------------------------------------------------------------
 
 
-def worker_main(conn: Connection, progress_interval_s: float) -> None:
+def worker_main(
+    conn: Connection, progress_interval_s: float, state_interval_s: float = STATE_INTERVAL_S
+) -> None:
     """A worker process's entry (spawn): take one job, run it in a fresh event loop, send the result."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # until the loop handles them
         signal.signal(sig, signal.SIG_IGN)
@@ -348,7 +364,8 @@ def worker_main(conn: Connection, progress_interval_s: float) -> None:
     if msg[0] != "job":
         return
     try:
-        asyncio.run(_run_job(conn, msg[1], progress_interval_s))
+        states = state_interval_s if len(msg) > 2 and msg[2] else None
+        asyncio.run(_run_job(conn, msg[1], progress_interval_s, states))
     except BaseException as exc:  # one line to the parent, never a traceback on the shared stderr
         with contextlib.suppress(OSError, ValueError):
             conn.send(("error", redact(f"{type(exc).__name__}: {exc}")[:300]))
@@ -356,7 +373,9 @@ def worker_main(conn: Connection, progress_interval_s: float) -> None:
         conn.close()
 
 
-async def _run_job(conn: Connection, job: ShardJob, interval_s: float) -> None:
+async def _run_job(
+    conn: Connection, job: ShardJob, interval_s: float, state_interval_s: float | None
+) -> None:
     from anonjoin._load.metrics import Metrics
     from anonjoin._load.runner import LoadRunner
     from anonjoin._load.sharded import run_shard_job
@@ -404,9 +423,13 @@ async def _run_job(conn: Connection, job: ShardJob, interval_s: float) -> None:
         loop.add_signal_handler(sig, stop)
 
     async def report_progress() -> None:
+        last_state = loop.time()
         while True:
             await asyncio.sleep(interval_s)
             send(("progress", metrics.progress()))
+            if state_interval_s is not None and loop.time() - last_state >= state_interval_s:
+                last_state = loop.time()
+                send(("state", metrics.to_state()))
 
     ticker = asyncio.ensure_future(report_progress())
     try:

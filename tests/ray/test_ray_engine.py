@@ -76,6 +76,67 @@ async def test_200_guests_in_two_actors_on_two_nodes_merge_into_the_whole_run(
     assert not ray.is_initialized()  # disconnected at the end; the cluster itself is the fixture's
 
 
+async def test_actors_report_their_metrics_state_and_run_load_takes_ray(
+    ray_cluster: RayCluster, sim: Simulator
+) -> None:
+    """The driver polls each actor's whole metrics state (the merged live view of --metrics-port), and
+    ``run_load(ray=..., shards=2)`` is the same run for an embedder."""
+    from anonjoin import ClientSecretCredential, run_load
+    from anonjoin._load.sharded import ShardStates
+
+    states = ShardStates(2)
+    live: list[int] = []
+
+    def on_state(k: int, state: dict[str, object]) -> None:
+        states.update(k, state)
+        merged_now = states.metrics()
+        assert merged_now is not None
+        live.append(merged_now.first_joins)
+
+    engine = RayEngine(ray_cluster.address, shards=2, progress_interval_s=0.05, state_interval_s=0.1)
+    merged = await run_sharded(
+        _plan(sim, 30, hold_s=2.0),
+        engine,
+        target=simulator_settings(sim.info, display_name="g"),
+        store=MemorySessionStore(),
+        shards=2,
+        retry=FAST_RETRY,
+        on_state=on_state,
+        start_slack_s=0.2,
+    )
+    assert merged.metrics.first_joins == 30
+    assert 30 in live[:-2]  # a polled state (not only the two final ones) showed every join
+    final = states.metrics()
+    assert final is not None and final.join.count == merged.metrics.join.count == 30
+
+    info = sim.info
+    credential = ClientSecretCredential(
+        authority=info.authority,
+        client_id=info.client_id,
+        client_secret=info.client_secret,
+        scope=info.scope,
+        ca_file=info.ca_file,
+    )
+    try:
+        result = await run_load(
+            _plan(sim, 20),
+            discover_url=info.discover_url,
+            endpoint_id=info.endpoint_id,
+            credential=credential,
+            ca_file=info.ca_file,
+            retry=FAST_RETRY,
+            ray=ray_cluster.address,
+            shards=2,
+        )
+    finally:
+        await credential.aclose()
+    assert [g.outcome for g in result.guests] == ["joined"] * 20
+    assert result.metrics.first_joins == 20 and result.interrupted is False
+    import ray
+
+    assert not ray.is_initialized()
+
+
 async def test_a_node_with_another_anonjoin_is_refused_before_any_guest(
     ray_cluster: RayCluster, sim: Simulator
 ) -> None:
