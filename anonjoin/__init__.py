@@ -58,6 +58,7 @@ if TYPE_CHECKING:
         ShardEngine,
         ShardJob,
         ShardProgress,
+        ShardStates,
         run_shard_job,
         run_sharded,
     )
@@ -133,6 +134,7 @@ __all__ = [
     "ShardJob",
     "ShardProgress",
     "ShardResult",
+    "ShardStates",
     "SqliteSessionStore",
     "Step",
     "StepEvent",
@@ -195,6 +197,7 @@ _LAZY: dict[str, str] = {
     "ShardEngine": "anonjoin._load.sharded",
     "ShardJob": "anonjoin._load.sharded",
     "ShardProgress": "anonjoin._load.sharded",
+    "ShardStates": "anonjoin._load.sharded",
     "ShardResult": "anonjoin._load.shards",
     "SqliteSessionStore": "anonjoin._load.store",
     "Step": "anonjoin._core.events",

@@ -74,6 +74,7 @@ __all__ = [
     "guest_id_of",
     "parse_ramp",
     "pool_size",
+    "prepare_plan_with",
     "run_load",
 ]
 
@@ -906,6 +907,27 @@ def failure_reason(exc: BaseException | None, reason: str | None = None) -> str:
     return type(exc).__name__ if exc is not None else "unknown"
 
 
+async def prepare_plan_with(
+    client: Client,
+    plan: LoadPlan,
+    *,
+    meetings: int,
+    check_links: Callable[[Sequence[str]], None] | None,
+) -> LoadPlan:
+    """What a run does once before its guests: ``check_links`` judges the URLs the service application's
+    discovery links to (it raises to stop the run), then the meetings ``plan.meeting_urls`` lacks, up to
+    ``meetings``, are made through adhocMeetings. Returns the plan with every meeting's URL."""
+    if check_links is not None:
+        caps = await client._service.capabilities()
+        links = (caps.application_url, caps.anon_tokens_url, caps.adhoc_meetings_url)
+        check_links([str(u) for u in links if u is not None])
+    urls = list(plan.meeting_urls)
+    for i in range(len(urls), meetings):
+        made = await client.create_meeting(subject=f"anonjoin load meeting {i + 1}")
+        urls.append(made.join_url)
+    return plan if urls == list(plan.meeting_urls) else dataclasses.replace(plan, meeting_urls=tuple(urls))
+
+
 async def run_load(
     plan: LoadPlan,
     *,
@@ -988,16 +1010,7 @@ async def run_load(
         max_connections=pool_size(plan.shard_concurrency),
         hooks=metrics.hooks(hooks),
     ) as client:
-        if check_links is not None:
-            caps = await client._service.capabilities()
-            links = (caps.application_url, caps.anon_tokens_url, caps.adhoc_meetings_url)
-            check_links([str(u) for u in links if u is not None])
-        urls = list(plan.meeting_urls)
-        for i in range(len(urls), meetings):
-            made = await client.create_meeting(subject=f"anonjoin load meeting {i + 1}")
-            urls.append(made.join_url)
-        if urls != list(plan.meeting_urls):
-            plan = dataclasses.replace(plan, meeting_urls=tuple(urls))
+        plan = await prepare_plan_with(client, plan, meetings=meetings, check_links=check_links)
         runner = LoadRunner(client, plan, metrics=metrics, store=store, lease_s=lease_s, start_at=start_at)
         if on_runner is not None:
             on_runner(runner)

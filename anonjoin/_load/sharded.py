@@ -43,7 +43,16 @@ from anonjoin._async.settings import TargetSettings
 from anonjoin._exceptions import AnonJoinError, ConfigurationError, LeaseHeld, LeaseLost, StoreError
 from anonjoin._load.metrics import Metrics, earliest_phase
 from anonjoin._load.metrics import Progress as Snapshot
-from anonjoin._load.runner import STORE_BATCH, LoadPlan, LoadResult, LoadRunner, Shard, pool_size, run_load
+from anonjoin._load.runner import (
+    STORE_BATCH,
+    LoadPlan,
+    LoadResult,
+    LoadRunner,
+    Shard,
+    pool_size,
+    prepare_plan_with,
+    run_load,
+)
 from anonjoin._load.shards import MergedRun, ShardResult, merge_results
 from anonjoin._load.store import Fence, Lease, MemorySessionStore, NewSession, Outcome, SessionStore
 
@@ -381,17 +390,9 @@ async def prepare_plan(
             retry=retry,
             max_connections=pool_size(1),
         ) as client:
-            if check_links is not None:
-                caps = await client._service.capabilities()
-                links = (caps.application_url, caps.anon_tokens_url, caps.adhoc_meetings_url)
-                check_links([str(u) for u in links if u is not None])
-            urls = list(plan.meeting_urls)
-            for i in range(len(urls), meetings):
-                made = await client.create_meeting(subject=f"anonjoin load meeting {i + 1}")
-                urls.append(made.join_url)
+            return await prepare_plan_with(client, plan, meetings=meetings, check_links=check_links)
     finally:
         await credential.aclose()
-    return dataclasses.replace(plan, meeting_urls=tuple(urls))
 
 
 async def assign_sessions(plan: LoadPlan, store: SessionStore) -> dict[str, str]:
