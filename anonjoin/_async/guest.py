@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -21,6 +21,16 @@ from yarl import URL
 
 from anonjoin._async.http import HttpClient, Response
 from anonjoin._async.retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner
+from anonjoin._async.tasks import (
+    Broadcast,
+    Parked,
+    Shielded,
+    cancel_and_reap,
+    drive,
+    spawn,
+    wait_or_cancel,
+    wait_until,
+)
 from anonjoin._core import constants as C
 from anonjoin._core.conversation import (
     Conversation,
@@ -38,7 +48,7 @@ from anonjoin._core.conversation import (
 from anonjoin._core.events import Event, GuestEvent, GuestEventKind, Observer, Step, log_event
 from anonjoin._core.models import ApplicationBody, GuestGrant, GuestOutcome, JoinResult
 from anonjoin._core.protocol import STEP_FOR_STATE, GuestState
-from anonjoin._exceptions import AnonJoinError, JoinFailed, ServiceError
+from anonjoin._exceptions import AnonJoinError, ServiceError
 
 if TYPE_CHECKING:
     from anonjoin._async.service import ServiceApp
@@ -60,23 +70,6 @@ class GuestContext:
     user_agent: str
     culture: str
     on_close: Callable[[Guest], None]
-
-
-class _EventIterator:
-    __slots__ = ("_queue",)
-
-    def __init__(self, queue: asyncio.Queue[Event | None]) -> None:
-        self._queue = queue
-
-    def __aiter__(self) -> _EventIterator:
-        return self
-
-    async def __anext__(self) -> Event:
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)  # stay ended for later calls
-            raise StopAsyncIteration
-        return item
 
 
 class Guest:
@@ -113,13 +106,13 @@ class Guest:
         )
         self.outcome: GuestOutcome | None = None
         self._task: asyncio.Task[None] | None = None
-        self._creating: asyncio.Task[tuple[ApplicationBody, Response]] | None = None
+        self._creating: Shielded[tuple[ApplicationBody, Response]] = Shielded()
         loop = asyncio.get_running_loop()
         self._joined: asyncio.Future[JoinResult] = loop.create_future()
         self._closed: asyncio.Future[GuestOutcome] = loop.create_future()
         self._leave_now: asyncio.Future[None] = loop.create_future()
-        self._subs: list[asyncio.Queue[Event | None]] = []
-        self._in_poll_wait = False
+        self._events: Broadcast[Event] = Broadcast()
+        self._poll: Parked[Response] = Parked(ctx.clock.sleep)
         self._bg: set[asyncio.Task[None]] = set()
         self._holdoff: dict[str, float] = {}  # step -> no request before (this guest's Retry-After)
 
@@ -151,26 +144,19 @@ class Guest:
         """Join (or wait for the join already running); raises JoinFailed or a typed error if it cannot."""
         if self._closed.done() or (self._task is None and self.state is not GuestState.NEW):
             first = self._joined.exception() if self._joined.done() else None
-            if first is not None:
-                raise first  # the join failed: the same error again
-            raise JoinFailed(self._c.m.reason or self.state.value, "this guest is closed")
+            raise first or self._c.closed_error()  # a join that failed: the same error again
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"anonjoin-guest-{self.guest_id}")
         try:
             return await asyncio.shield(self._joined)
         except asyncio.CancelledError:
             if not self._joined.done():
-                await self._cancel_task()
+                await cancel_and_reap(self._task)
             raise
 
     def events(self) -> AsyncIterator[Event]:
         """Channel and guest events in order, exactly once, from this call on (call it before join())."""
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        if self._closed.done():
-            queue.put_nowait(None)
-        else:
-            self._subs.append(queue)
-        return _EventIterator(queue)
+        return self._events.subscribe()
 
     async def wait_closed(self) -> GuestOutcome:
         """Wait until the guest has left, its meeting ended, or it failed for good."""
@@ -185,21 +171,15 @@ class Guest:
                 self._c.left_unstarted()
                 self._finish(None)
             return
-        if not task.done() and (self._in_poll_wait or self._leave_now.done() or self._c.terminal):
+        if not task.done() and (self._poll.waiting or self._leave_now.done() or self._c.terminal):
             # Graceful: the poll loop DELETEs while its poll is parked; the service releases the poll, so
             # its connection goes back to the pool instead of being torn down. A guest already ended or
             # failed is in its own (bounded) cleanup: cancelling it would leave its application live.
             if not self._leave_now.done():
                 self._leave_now.set_result(None)
-            try:
-                budget = self._ctx.retry.leave_deadline_s + 2 * C.LEAVE_DRAIN_S
-                done, _ = await asyncio.wait({task}, timeout=budget)
-            except asyncio.CancelledError:
-                await self._cancel_task()
-                raise
-            if done:
+            if await wait_or_cancel(task, self._ctx.retry.leave_deadline_s + 2 * C.LEAVE_DRAIN_S):
                 return
-        await self._cancel_task()
+        await cancel_and_reap(task)
 
     async def __aenter__(self) -> Guest:
         await self.join()
@@ -214,13 +194,6 @@ class Guest:
 
     def _now(self) -> float:
         return self._ctx.clock.monotonic()
-
-    async def _cancel_task(self) -> None:
-        task = self._task
-        if task is None or task.done():
-            return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
         c = self._c
@@ -265,13 +238,10 @@ class Guest:
                 elif act.step == "anon_applications":
                     # The POST runs in its own task, shielded: a leave or a cancel while it is in flight does
                     # not lose its answer, so the application it made is known (and deleted), not left live.
-                    task = asyncio.create_task(
-                        self._post_application(act), name=f"anonjoin-create-{self.guest_id}"
+                    create = self._post_application(act)
+                    c.on_application(
+                        *await self._creating.run(create, name=f"anonjoin-create-{self.guest_id}")
                     )
-                    self._creating = task
-                    a, r = await asyncio.shield(task)
-                    self._creating = None  # answered: its result is not kept for the guest's lifetime
-                    c.on_application(a, r)
                 else:
                     c.on_response(act, await self._send(act))
             except AnonJoinError as exc:
@@ -338,32 +308,24 @@ class Guest:
             if isinstance(e, Emit):
                 self._emit(e.kind, e.reason)
             elif isinstance(e, Publish):
-                self._publish(e.event)
+                self._events.publish(e.event)
             elif isinstance(e, Joined):
                 if not self._joined.done():
                     self._joined.set_result(e.result)
             elif isinstance(e, DeleteApp):
                 steps = self._c.leave_requests(e.deadline_at, self._now, delete=e.url, mint=False)
-                task = asyncio.create_task(
-                    self._leave_requests(steps), name=f"anonjoin-delete-{self.guest_id}"
-                )
-                self._bg.add(task)
-                task.add_done_callback(self._bg.discard)
+                spawn(self._leave_requests(steps), name=f"anonjoin-delete-{self.guest_id}", into=self._bg)
 
     # --- the event channel -----------------------------------------------------------------------------
 
-    def _start_poll(self, url: URL, wait_s: float = 0.0) -> asyncio.Task[Response]:
-        """The next poll as a task; ``wait_s`` (an idle channel) delays it, in the task, so a leave or a timer
+    def _park(self, url: URL, wait_s: float = 0.0) -> None:
+        """The next poll, parked; ``wait_s`` (an idle channel) delays it, in its task, so a leave or a timer
         still interrupts the wait."""
-        coro = self._poll_later(url, wait_s) if wait_s > 0 else self._poll(url)
-        return asyncio.create_task(coro, name=f"anonjoin-poll-{self.guest_id}")
+        if wait_s > 0:
+            log_event(log, logging.DEBUG, "anonjoin.poll.idle_wait", guest_id=self.guest_id, wait_s=wait_s)
+        self._poll.park(partial(self._send_poll, url), wait_s, name=f"anonjoin-poll-{self.guest_id}")
 
-    async def _poll_later(self, url: URL, wait_s: float) -> Response:
-        log_event(log, logging.DEBUG, "anonjoin.poll.idle_wait", guest_id=self.guest_id, wait_s=wait_s)
-        await self._ctx.clock.sleep(wait_s)
-        return await self._poll(url)
-
-    def _poll(self, url: URL) -> Coroutine[Any, Any, Response]:
+    def _send_poll(self, url: URL) -> Coroutine[Any, Any, Response]:
         poll_timeout = C.POLL_TIMEOUT_S + C.POLL_TIMEOUT_MARGIN_S
         return self._send(
             self._c.poll_request(url),
@@ -376,45 +338,34 @@ class Guest:
     async def _poll_loop(self, url: URL) -> None:
         c = self._c
         c.poll_started()
-        pending = self._start_poll(url)
+        self._park(url)
         sent_at = self._now()
         try:
             while c.polling:
                 due, what = c.next_timer()
-                timeout = None if due is None else max(0.0, due - self._now())
-                self._in_poll_wait = True
-                try:
-                    waiters: set[asyncio.Future[Any]] = {pending, self._leave_now}
-                    done, _ = await asyncio.wait(
-                        waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    self._in_poll_wait = False
+                answered = await self._poll.wait(
+                    self._leave_now, None if due is None else max(0.0, due - self._now())
+                )
                 if self._leave_now.done():
                     c.stop()
                     await self._cleanup_app()
-                    if not pending.done():  # released by the DELETE: let it finish, keep its connection
-                        await asyncio.wait({pending}, timeout=C.LEAVE_DRAIN_S)
+                    await self._poll.drain(C.LEAVE_DRAIN_S)  # released by the DELETE: keep its connection
                     c.deleted()
                     return
-                if not done:
+                if not answered:
                     self._perform(c.on_timer(what, self._now()))
                     return
-                resp = pending.result()
+                resp = self._poll.take()
                 body, nxt, wait, special = c.poll_answered(resp, self._now() - sent_at)
                 if special is not None:
                     log_event(log, logging.INFO, f"anonjoin.poll.{special}", guest_id=self.guest_id)
                 # the next poll goes out before processing (after the idle wait, if the channel is idle)
-                pending = self._start_poll(nxt, wait)
+                self._park(nxt, wait)
                 sent_at = self._now()
                 self._perform(c.on_poll(body, self._now(), self._ctx.clock.time()))
-                # not kept alive (nor traversed by the GC) while the next poll is parked: the answer, and the
-                # finished poll task in ``done`` that holds it
-                del body, resp, done
+                del body, resp  # not kept alive (nor traversed by the GC) while the next poll is parked
         finally:
-            if not pending.done():
-                pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
+            await self._poll.close()
 
     # --- leaving ---------------------------------------------------------------------------------------
 
@@ -426,46 +377,21 @@ class Guest:
         DELETEs of replaced applications still running in the background are awaited first."""
         c = self._c
         deadline = c.cleanup_deadline(self._now())
-        creating = self._creating
-        if creating is not None and not creating.done():
-            await self._wait_until({creating}, deadline)  # its answer says which application is the last
-        if self._bg:
-            await self._wait_until(set(self._bg), deadline)
+        # a create in flight first: its answer says which application is the last
+        await wait_until(self._creating.pending(), deadline, self._now)
+        await wait_until(set(self._bg), deadline, self._now)
         await self._leave_requests(c.leave_requests(deadline, self._now))
 
     async def _leave_requests(self, steps: LeaveSteps) -> None:
         """Perform the conversation's requests of leaving, feeding each answer (or error) back."""
-        result: object = None
-        error: AnonJoinError | None = None
-        try:
-            while True:
-                try:
-                    act = steps.send(result) if error is None else steps.throw(error)
-                except StopIteration:
-                    return
-                result, error = None, None
-                try:
-                    if isinstance(act, Mint):
-                        result = await self._mint(act.meeting_url, act.deadline_at)
-                    elif act.step == "delete_application":
-                        await self._delete(act)
-                    else:
-                        result = await self._send(act)
-                except AnonJoinError as exc:
-                    error = exc
-        finally:
-            steps.close()
+        await drive(steps, self._leave_step, AnonJoinError)
 
-    async def _wait_until(self, tasks: set[asyncio.Task[Any]], deadline: float) -> None:
-        """Wait for ``tasks`` until ``deadline``; those still running then are cancelled and reaped."""
-        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - self._now()))
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        for t in done:  # a create's failure was its driver's to see; once that was cancelled, it is ours
-            if not t.cancelled():
-                t.exception()
+    def _leave_step(self, act: Mint | Send) -> Awaitable[object]:
+        if isinstance(act, Mint):
+            return self._mint(act.meeting_url, act.deadline_at)
+        if act.step == "delete_application":
+            return self._delete(act)
+        return self._send(act)
 
     def _delete(self, act: Send) -> Coroutine[Any, Any, None]:
         """DELETE until the application is gone (a 404/410 says it already is), bounded: no attempt starts
@@ -495,25 +421,14 @@ class Guest:
             return
         self.outcome = outcome = self._c.outcome(error)
         if not self._joined.done():
-            if error is not None:
-                self._joined.set_exception(error)
-            else:
-                self._joined.set_exception(
-                    JoinFailed(outcome.reason or outcome.kind.capitalize(), f"the guest {outcome.kind}")
-                )
+            self._joined.set_exception(self._c.join_error(outcome))
             self._joined.exception()  # retrieved: join() may never be awaited
         self._emit(outcome.kind, outcome.reason)
         self._closed.set_result(outcome)
-        for q in self._subs:
-            q.put_nowait(None)
-        self._subs.clear()
+        self._events.close()
         self._ctx.on_close(self)
 
     def _emit(self, kind: GuestEventKind, reason: str | None) -> None:
         ev = GuestEvent(self.guest_id, kind, reason, self.application_session_id, self._ctx.clock.time())
-        self._publish(ev)
+        self._events.publish(ev)
         self._ctx.observer.guest(ev)
-
-    def _publish(self, ev: Event) -> None:
-        for q in self._subs:
-            q.put_nowait(ev)

@@ -874,6 +874,19 @@ class Conversation:
             return self.error
         return None
 
+    def closed_error(self) -> AnonJoinError:
+        """What a join() asked of a guest that is closed (or was left before it started) raises, when no
+        join failed before it: a JoinFailed named by the reason it ended with, else by its state."""
+        return JoinFailed(self.m.reason or self.m.state.value, "this guest is closed")
+
+    @staticmethod
+    def join_error(outcome: GuestOutcome) -> AnonJoinError:
+        """What a join() still waiting when the guest closes raises: the guest's error, else (it left or its
+        meeting ended before it was in) a JoinFailed named by the reason, else by how it ended."""
+        if outcome.error is not None:
+            return outcome.error
+        return JoinFailed(outcome.reason or outcome.kind.capitalize(), f"the guest {outcome.kind}")
+
     def outcome(self, error: AnonJoinError | None) -> GuestOutcome:
         st = self.m.state
         kind: Literal["left", "ended", "failed"] = (
