@@ -519,3 +519,23 @@ def test_no_recovery_once_the_caller_leaves() -> None:
     c.leave()
     c.on_failure("events", se(404, "ApplicationNotFound"), clock.s)
     assert c.state is GuestState.FAILED
+
+
+def test_a_join_waiting_when_the_guest_closes_raises_its_error_or_how_it_ended() -> None:
+    c, _ = joined()
+    c.stop()
+    c.deleted()
+    left = c.outcome(None)
+    err = Conversation.join_error(left)
+    assert left.kind == "left" and isinstance(err, JoinFailed) and err.reason == (left.reason or "Left")
+    failed = JoinFailed("LobbyTimeout", "not admitted")
+    assert Conversation.join_error(c.outcome(failed)) is failed
+
+
+def test_a_join_asked_of_a_closed_guest_is_named_by_its_reason_else_its_state() -> None:
+    c = conversation()
+    c.leave()
+    c.left_unstarted()
+    err = c.closed_error()
+    assert isinstance(err, JoinFailed) and err.reason == (c.m.reason or c.state.value)
+    assert c.state is GuestState.LEFT
