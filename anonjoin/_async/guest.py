@@ -19,20 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
+from anonjoin._async import tasks
 from anonjoin._async.http import HttpClient, Response
 from anonjoin._async.retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner
-from anonjoin._async.tasks import (
-    Broadcast,
-    Parked,
-    Shielded,
-    cancel_and_reap,
-    drive,
-    spawn,
-    wait_or_cancel,
-    wait_until,
-)
 from anonjoin._core import constants as C
 from anonjoin._core.conversation import (
+    POLL_ATTEMPT_S,
     Conversation,
     DeleteApp,
     Effect,
@@ -106,13 +98,13 @@ class Guest:
         )
         self.outcome: GuestOutcome | None = None
         self._task: asyncio.Task[None] | None = None
-        self._creating: Shielded[tuple[ApplicationBody, Response]] = Shielded()
+        self._creating: tasks.Shielded[tuple[ApplicationBody, Response]] = tasks.Shielded()
         loop = asyncio.get_running_loop()
         self._joined: asyncio.Future[JoinResult] = loop.create_future()
         self._closed: asyncio.Future[GuestOutcome] = loop.create_future()
         self._leave_now: asyncio.Future[None] = loop.create_future()
-        self._events: Broadcast[Event] = Broadcast()
-        self._poll: Parked[Response] = Parked(ctx.clock.sleep)
+        self._events: tasks.Broadcast[Event] = tasks.Broadcast()
+        self._poll: tasks.Parked[Response] = tasks.Parked(ctx.clock.sleep)
         self._bg: set[asyncio.Task[None]] = set()
         self._holdoff: dict[str, float] = {}  # step -> no request before (this guest's Retry-After)
 
@@ -151,7 +143,7 @@ class Guest:
             return await asyncio.shield(self._joined)
         except asyncio.CancelledError:
             if not self._joined.done():
-                await cancel_and_reap(self._task)
+                await tasks.cancel_and_reap(self._task)
             raise
 
     def events(self) -> AsyncIterator[Event]:
@@ -177,9 +169,9 @@ class Guest:
             # failed is in its own (bounded) cleanup: cancelling it would leave its application live.
             if not self._leave_now.done():
                 self._leave_now.set_result(None)
-            if await wait_or_cancel(task, self._ctx.retry.leave_deadline_s + 2 * C.LEAVE_DRAIN_S):
+            if await tasks.wait_or_cancel(task, self._ctx.retry.leave_deadline_s + 2 * C.LEAVE_DRAIN_S):
                 return
-        await cancel_and_reap(task)
+        await tasks.cancel_and_reap(task)
 
     async def __aenter__(self) -> Guest:
         await self.join()
@@ -264,7 +256,6 @@ class Guest:
         *,
         poll: bool = False,
         timeout_s: float | None = None,
-        deadline_at: float | None = None,
         quiet: Callable[[], bool] | None = None,
     ) -> Coroutine[Any, Any, Response]:
         """The request as a coroutine of the step runner (no coroutine of its own: one await level less on
@@ -273,14 +264,13 @@ class Guest:
             self._ctx.http.request, act.step, act.method, act.url,
             headers=act.headers, body=act.body, poll=poll, quiet=quiet,
         )  # fmt: skip
-        deadline = deadline_at if deadline_at is not None else act.deadline_at
         return self._ctx.runner.run(
             act.step,
             attempt,
             guest_id=self.guest_id,
             stats=self._c.stats,
             holdoff=self._holdoff,
-            deadline_at=self._c.deadline_at if deadline is None else deadline,
+            deadline_at=self._c.deadline_at if act.deadline_at is None else act.deadline_at,
             timeout_s=timeout_s,
         )
 
@@ -314,7 +304,9 @@ class Guest:
                     self._joined.set_result(e.result)
             elif isinstance(e, DeleteApp):
                 steps = self._c.leave_requests(e.deadline_at, self._now, delete=e.url, mint=False)
-                spawn(self._leave_requests(steps), name=f"anonjoin-delete-{self.guest_id}", into=self._bg)
+                tasks.spawn(
+                    self._leave_requests(steps), name=f"anonjoin-delete-{self.guest_id}", into=self._bg
+                )
 
     # --- the event channel -----------------------------------------------------------------------------
 
@@ -326,14 +318,9 @@ class Guest:
         self._poll.park(partial(self._send_poll, url), wait_s, name=f"anonjoin-poll-{self.guest_id}")
 
     def _send_poll(self, url: URL) -> Coroutine[Any, Any, Response]:
-        poll_timeout = C.POLL_TIMEOUT_S + C.POLL_TIMEOUT_MARGIN_S
-        return self._send(
-            self._c.poll_request(url),
-            poll=True,
-            timeout_s=poll_timeout,
-            deadline_at=self._now() + poll_timeout * 2 + self._ctx.retry.step_deadline_s,
-            quiet=self._leave_now.done,  # after our own DELETE, the poll's 404 is its expected end
-        )
+        act = self._c.poll_request(url, now=self._now(), step_deadline_s=self._ctx.retry.step_deadline_s)
+        # after our own DELETE, the poll's 404 is its expected end
+        return self._send(act, poll=True, timeout_s=POLL_ATTEMPT_S, quiet=self._leave_now.done)
 
     async def _poll_loop(self, url: URL) -> None:
         c = self._c
@@ -378,13 +365,13 @@ class Guest:
         c = self._c
         deadline = c.cleanup_deadline(self._now())
         # a create in flight first: its answer says which application is the last
-        await wait_until(self._creating.pending(), deadline, self._now)
-        await wait_until(set(self._bg), deadline, self._now)
+        await tasks.wait_until(self._creating.pending(), deadline, self._now)
+        await tasks.wait_until(set(self._bg), deadline, self._now)
         await self._leave_requests(c.leave_requests(deadline, self._now))
 
     async def _leave_requests(self, steps: LeaveSteps) -> None:
         """Perform the conversation's requests of leaving, feeding each answer (or error) back."""
-        await drive(steps, self._leave_step, AnonJoinError)
+        await tasks.drive(steps, self._leave_step, AnonJoinError)
 
     def _leave_step(self, act: Mint | Send) -> Awaitable[object]:
         if isinstance(act, Mint):

@@ -97,6 +97,8 @@ log = logging.getLogger("anonjoin.guest")
 SHARED_STEPS: frozenset[str] = frozenset({"aad_token", "discover", "applications", "capabilities"})
 """Steps shared by every guest of a Client: their errors are raised as they are, not as JoinFailed, and a
 step that ran out of retries there is not started over (it was already tried for every guest)."""
+POLL_ATTEMPT_S = C.POLL_TIMEOUT_S + C.POLL_TIMEOUT_MARGIN_S
+"""The time one event poll may take: the server's hold plus a margin."""
 _POLLING = frozenset({GuestState.CONNECTING, GuestState.LOBBY, GuestState.JOINED})
 _NOT_JOINED_YET = frozenset({GuestState.CONNECTING, GuestState.LOBBY})
 _MINTING = frozenset({GuestState.MINTING, GuestState.REJOINING})
@@ -638,8 +640,16 @@ class Conversation:
     def poll_started(self) -> None:
         self.idle_wait = 0.0
 
-    def poll_request(self, url: URL) -> Send:
-        return Send("events", "GET", url, self.headers())
+    def poll_request(
+        self, url: URL, *, now: float | None = None, step_deadline_s: float | None = None
+    ) -> Send:
+        """An event poll; with ``now`` and ``step_deadline_s``, bounded: the server holds a poll up to
+        ``POLL_TIMEOUT_S``, so its retries end by two attempts of :data:`POLL_ATTEMPT_S` plus one step's
+        deadline (not the guest's: a joined guest polls for as long as it stays)."""
+        deadline = None
+        if now is not None and step_deadline_s is not None:
+            deadline = now + POLL_ATTEMPT_S * 2 + step_deadline_s
+        return Send("events", "GET", url, self.headers(), None, deadline)
 
     def poll_answered(self, r: ResponseLike, took_s: float) -> tuple[EventsBody, URL, float, str | None]:
         """An event poll's answer: its batch, the next poll's URL, the wait before sending it (an idle

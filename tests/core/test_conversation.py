@@ -539,3 +539,14 @@ def test_a_join_asked_of_a_closed_guest_is_named_by_its_reason_else_its_state() 
     err = c.closed_error()
     assert isinstance(err, JoinFailed) and err.reason == (c.m.reason or c.state.value)
     assert c.state is GuestState.LEFT
+
+
+def test_an_event_poll_is_bounded_by_two_attempts_and_one_step_not_the_guest_deadline() -> None:
+    c, clock = joined()
+    url = BASE / "events"
+    assert c.poll_request(url).deadline_at is None
+    bounded = c.poll_request(url, now=clock.advance(5), step_deadline_s=20.0)
+    assert bounded.step == "events" and bounded.method == "GET"
+    assert bounded.deadline_at == pytest.approx(
+        clock.s + 2 * (C.POLL_TIMEOUT_S + C.POLL_TIMEOUT_MARGIN_S) + 20.0
+    )
