@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -21,7 +21,8 @@ from yarl import URL
 
 from anonjoin._async import tasks
 from anonjoin._async.http import HttpClient, Response
-from anonjoin._async.retry import Attempt, Clock, RejoinPolicy, RetryPolicy, StepRunner
+from anonjoin._async.requests import GuestRequests
+from anonjoin._async.retry import Clock, RejoinPolicy, RetryPolicy, StepRunner
 from anonjoin._core import constants as C
 from anonjoin._core.conversation import (
     POLL_ATTEMPT_S,
@@ -31,16 +32,14 @@ from anonjoin._core.conversation import (
     Emit,
     GuestSpec,
     Joined,
-    LeaveSteps,
     Mint,
     Poll,
     Publish,
-    Send,
 )
 from anonjoin._core.events import Event, GuestEvent, GuestEventKind, Observer, Step, log_event
-from anonjoin._core.models import ApplicationBody, GuestGrant, GuestOutcome, JoinResult
+from anonjoin._core.models import ApplicationBody, GuestOutcome, JoinResult
 from anonjoin._core.protocol import STEP_FOR_STATE, GuestState
-from anonjoin._exceptions import AnonJoinError, ServiceError
+from anonjoin._exceptions import AnonJoinError
 
 if TYPE_CHECKING:
     from anonjoin._async.service import ServiceApp
@@ -106,7 +105,7 @@ class Guest:
         self._events: tasks.Broadcast[Event] = tasks.Broadcast()
         self._poll: tasks.Parked[Response] = tasks.Parked(ctx.clock.sleep)
         self._bg: set[asyncio.Task[None]] = set()
-        self._holdoff: dict[str, float] = {}  # step -> no request before (this guest's Retry-After)
+        self._rq = GuestRequests(ctx, self._c)
 
     def __repr__(self) -> str:
         return (
@@ -224,18 +223,18 @@ class Guest:
                 act = c.next_action(self._now())
                 if isinstance(act, Mint):
                     await self._sleep_until(act.not_before)
-                    c.on_granted(await self._mint(act.meeting_url, act.deadline_at), self._now())
+                    c.on_granted(await self._rq.mint(act.meeting_url, act.deadline_at), self._now())
                 elif isinstance(act, Poll):
                     await self._poll_loop(act.url)
                 elif act.step == "anon_applications":
                     # The POST runs in its own task, shielded: a leave or a cancel while it is in flight does
                     # not lose its answer, so the application it made is known (and deleted), not left live.
-                    create = self._post_application(act)
+                    create = self._rq.create(act)
                     c.on_application(
                         *await self._creating.run(create, name=f"anonjoin-create-{self.guest_id}")
                     )
                 else:
-                    c.on_response(act, await self._send(act))
+                    c.on_response(act, await self._rq.send(act))
             except AnonJoinError as exc:
                 if c.terminal:  # the machine itself refused an input
                     c.error = exc
@@ -250,49 +249,6 @@ class Guest:
 
     # --- performing the conversation's answers --------------------------------------------------------
 
-    def _send(
-        self,
-        act: Send,
-        *,
-        poll: bool = False,
-        timeout_s: float | None = None,
-        quiet: Callable[[], bool] | None = None,
-    ) -> Coroutine[Any, Any, Response]:
-        """The request as a coroutine of the step runner (no coroutine of its own: one await level less on
-        every resume); the headers are built once, the attempt is a partial."""
-        attempt = partial(
-            self._ctx.http.request, act.step, act.method, act.url,
-            headers=act.headers, body=act.body, poll=poll, quiet=quiet,
-        )  # fmt: skip
-        return self._ctx.runner.run(
-            act.step,
-            attempt,
-            guest_id=self.guest_id,
-            stats=self._c.stats,
-            holdoff=self._holdoff,
-            deadline_at=self._c.deadline_at if act.deadline_at is None else act.deadline_at,
-            timeout_s=timeout_s,
-        )
-
-    def _mint(self, meeting_url: str | None, deadline_at: float) -> Coroutine[Any, Any, GuestGrant]:
-        return self._ctx.service.mint_grant(
-            meeting_url=meeting_url,
-            allowed_origins=self.origin,
-            application_session_id=self.application_session_id,
-            guest_id=self.guest_id,
-            stats=self._c.stats,
-            holdoff=self._holdoff,
-            deadline_at=deadline_at,
-        )
-
-    async def _post_application(self, act: Send) -> tuple[ApplicationBody, Response]:
-        try:
-            r = await self._send(act)
-        except BaseException as exc:
-            self._c.create_failed(exc)
-            raise
-        return self._c.on_created(r), r
-
     def _perform(self, effects: Iterable[Effect]) -> None:
         for e in effects:
             if isinstance(e, Emit):
@@ -304,9 +260,7 @@ class Guest:
                     self._joined.set_result(e.result)
             elif isinstance(e, DeleteApp):
                 steps = self._c.leave_requests(e.deadline_at, self._now, delete=e.url, mint=False)
-                tasks.spawn(
-                    self._leave_requests(steps), name=f"anonjoin-delete-{self.guest_id}", into=self._bg
-                )
+                tasks.spawn(self._rq.leave(steps), name=f"anonjoin-delete-{self.guest_id}", into=self._bg)
 
     # --- the event channel -----------------------------------------------------------------------------
 
@@ -320,7 +274,7 @@ class Guest:
     def _send_poll(self, url: URL) -> Coroutine[Any, Any, Response]:
         act = self._c.poll_request(url, now=self._now(), step_deadline_s=self._ctx.retry.step_deadline_s)
         # after our own DELETE, the poll's 404 is its expected end
-        return self._send(act, poll=True, timeout_s=POLL_ATTEMPT_S, quiet=self._leave_now.done)
+        return self._rq.send(act, poll=True, timeout_s=POLL_ATTEMPT_S, quiet=self._leave_now.done)
 
     async def _poll_loop(self, url: URL) -> None:
         c = self._c
@@ -367,39 +321,7 @@ class Guest:
         # a create in flight first: its answer says which application is the last
         await tasks.wait_until(self._creating.pending(), deadline, self._now)
         await tasks.wait_until(set(self._bg), deadline, self._now)
-        await self._leave_requests(c.leave_requests(deadline, self._now))
-
-    async def _leave_requests(self, steps: LeaveSteps) -> None:
-        """Perform the conversation's requests of leaving, feeding each answer (or error) back."""
-        await tasks.drive(steps, self._leave_step, AnonJoinError)
-
-    def _leave_step(self, act: Mint | Send) -> Awaitable[object]:
-        if isinstance(act, Mint):
-            return self._mint(act.meeting_url, act.deadline_at)
-        if act.step == "delete_application":
-            return self._delete(act)
-        return self._send(act)
-
-    def _delete(self, act: Send) -> Coroutine[Any, Any, None]:
-        """DELETE until the application is gone (a 404/410 says it already is), bounded: no attempt starts
-        after the deadline and each is clipped to the time left."""
-        headers, conv = act.headers, self._c
-
-        async def attempt(att: Attempt) -> None:
-            try:
-                await self._ctx.http.request("delete_application", "DELETE", act.url, att, headers=headers)
-            except ServiceError as exc:
-                if not conv.delete_done(exc):
-                    raise
-
-        return self._ctx.runner.run(
-            "delete_application",
-            attempt,
-            guest_id=self.guest_id,
-            deadline_at=act.deadline_at,
-            attempts=max(self._ctx.retry.attempts, C.DELETE_ATTEMPTS),
-            holdoff=self._holdoff,
-        )
+        await self._rq.leave(c.leave_requests(deadline, self._now))
 
     # --- the end --------------------------------------------------------------------------------------------
 
