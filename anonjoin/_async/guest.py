@@ -4,7 +4,8 @@ The conversation decides everything (the state, the recovery ladder, the timers,
 when leaving and with which psat); this module performs its answers with aiohttp, in one background task
 per guest: it mints and sends what :meth:`~Conversation.next_action` asks, keeps a poll parked (the next
 one issued before an answer is processed), sleeps until the instants the conversation returns, and cleans
-up within the leave budget.
+up within the leave budget. The requests themselves are performed by :mod:`anonjoin._async.requests`, the
+task mechanics (parked poll, shielded create, event fan-out, bounded waits) are :mod:`anonjoin._async.tasks`.
 """
 
 from __future__ import annotations
