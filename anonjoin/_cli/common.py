@@ -459,3 +459,20 @@ def one_line_warnings(command: str) -> None:
         error_line(command, f"warning: {message}")
 
     warnings.showwarning = show
+
+
+@contextlib.contextmanager
+def cli_logging(verbose: bool, log_format: str = "text") -> Iterator[None]:
+    """-v: every anonjoin log record to stderr (secrets are redacted at the source). Otherwise none: no log
+    line over the command's own output (its report or check lines say what they would). Undone on exit."""
+    root = logging.getLogger("anonjoin")
+    handler = stderr_log_handler(log_format) if verbose else logging.NullHandler()
+    level = root.level
+    root.addHandler(handler)
+    if verbose:
+        root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from anonjoin._cli.common import (
@@ -27,13 +24,13 @@ from anonjoin._cli.common import (
     EXIT_USAGE,
     REQUIRED_FOR_TARGET,
     add_target_arguments,
+    cli_logging,
     error_line,
     is_target,
     one_line_warnings,
     positive_float,
     settings_from_args,
     simulator_settings,
-    stderr_log_handler,
 )
 from anonjoin._exceptions import ConfigurationError, redact, redact_url
 
@@ -92,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(ns: argparse.Namespace) -> int:
     """The ``doctor`` sub-command: exit 0 all checks passed, 1 one failed, 2 bad input."""
     out = sys.stdout
-    with _logging(bool(ns.verbose), ns.log_format), warnings.catch_warnings():
+    with cli_logging(bool(ns.verbose), ns.log_format), warnings.catch_warnings():
         _one_line_warnings()
         try:
             report = asyncio.run(_main(ns, out))
@@ -174,23 +171,6 @@ def _given_meeting_url(ns: argparse.Namespace) -> str | None:
         if value.strip():
             return value.strip()
     return None
-
-
-@contextlib.contextmanager
-def _logging(verbose: bool, log_format: str) -> Iterator[None]:
-    """-v: anonjoin's log records to stderr (redacted at the source). Otherwise none: the check lines say
-    it (and Python's last-resort handler would print warnings such as anonjoin.auth.failed again)."""
-    log = logging.getLogger("anonjoin")
-    handler = stderr_log_handler(log_format) if verbose else logging.NullHandler()
-    level = log.level
-    log.addHandler(handler)
-    if verbose:
-        log.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
 
 
 def _one_line_warnings() -> None:

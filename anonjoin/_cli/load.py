@@ -61,6 +61,7 @@ from anonjoin._cli.common import (
     REQUIRED_FOR_TARGET,
     STOP_SIGNALS,
     add_target_arguments,
+    cli_logging,
     exit_code_for_signal,
     is_target,
     non_negative_float,
@@ -71,7 +72,6 @@ from anonjoin._cli.common import (
     run_settings,
     settings_from_args,
     simulator_settings,
-    stderr_log_handler,
     stop_signals_deferred,
 )
 from anonjoin._core.constants import RUN_FIELDS
@@ -331,23 +331,6 @@ def _error_line(command: str, text: str) -> None:
     print(f"anonjoin {command}: {' '.join(redact(text).split())}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _logging(verbose: bool, log_format: str = "text") -> Iterator[None]:
-    """-v: every anonjoin log record to stderr (secrets are redacted at the source). Otherwise none: no
-    log line over the progress display (the report holds what they would say). Undone on exit."""
-    root = logging.getLogger("anonjoin")
-    handler = stderr_log_handler(log_format) if verbose else logging.NullHandler()
-    level = root.level
-    root.addHandler(handler)
-    if verbose:
-        root.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
 def _guarded(command: str, body: Callable[[], int]) -> int:
     """Run ``body``; every error is one line on stderr, never a traceback."""
     try:
@@ -530,7 +513,7 @@ async def _target(ns: argparse.Namespace, settings: TargetSettings) -> AsyncIter
 
 
 def run_load_command(ns: argparse.Namespace) -> int:
-    with _logging(bool(ns.verbose), ns.log_format):
+    with cli_logging(bool(ns.verbose), ns.log_format):
         return _guarded("load", lambda: _load_sync(resolve_run_settings(ns)))
 
 
@@ -592,11 +575,9 @@ async def _load(
 ) -> dict[str, Any]:
     """``signals`` receives the names of the signals that stopped the run, first one first; ``reinstall``
     puts back the handlers of :func:`stop_signals_deferred` once the loop's own are removed."""
-    from anonjoin._async.retry import RetryPolicy
     from anonjoin._load.metrics import Metrics
-    from anonjoin._load.progress import ProgressDisplay
     from anonjoin._load.report import build_report, plural
-    from anonjoin._load.runner import LoadRunner, check_against_service, run_load
+    from anonjoin._load.runner import LoadRunner, check_against_service
 
     display = ns.display_name or "anonjoin guest {n}"
     settings = settings_from_args(ns, display_name=display.replace("{n}", "1"))
@@ -647,29 +628,9 @@ async def _load(
                 flush=True,
             )
             metrics = Metrics(guests=ns.guests, seed=ns.seed)
-            credential = t.credential()
-            try:
-                async with (
-                    _metrics_endpoint(ns, metrics),
-                    ProgressDisplay(metrics, mode=ns.progress, interval_s=ns.progress_interval),
-                ):
-                    result = await run_load(
-                        plan,
-                        discover_url=t.discover_url,
-                        endpoint_id=t.endpoint_id,
-                        credential=credential,
-                        ca_file=t.ca_file,
-                        verify_tls=t.verify_tls(),
-                        store=store,
-                        lease_s=lease_for(store),
-                        metrics=metrics,
-                        meetings=meetings,
-                        retry=RetryPolicy(shared_throttle=shared_throttle),
-                        on_runner=on_runner,
-                        check_links=partial(_judge_hosts, ns.guests) if guarded else None,
-                    )
-            finally:
-                await credential.aclose()
+            result = await _run_plan(
+                ns, t, plan, store, metrics, shared_throttle, guarded, on_runner, meetings=meetings
+            )
             service_check = (
                 check_against_service(result.guests, await target.snapshot())
                 if target.snapshot is not None
@@ -691,6 +652,52 @@ async def _load(
         warnings=result.warnings,
         service_check=service_check,
     )
+
+
+async def _run_plan(
+    ns: argparse.Namespace,
+    t: TargetSettings,
+    plan: LoadPlan,
+    store: SessionStore,
+    metrics: Any,
+    shared_throttle: bool,
+    guarded: bool,
+    on_runner: Callable[[Any], None],
+    *,
+    meetings: int = 0,
+    start_at: float | None = None,
+) -> Any:
+    """One process's run of ``plan`` (the whole plan, or one shard of it) against ``t``: the live display
+    and ``--metrics-port`` around :func:`~anonjoin._load.runner.run_load`; the credential closed after."""
+    from anonjoin._async.retry import RetryPolicy
+    from anonjoin._load.progress import ProgressDisplay
+    from anonjoin._load.runner import run_load
+
+    assert t.discover_url and t.endpoint_id
+    credential = t.credential()
+    try:
+        async with (
+            _metrics_endpoint(ns, metrics),
+            ProgressDisplay(metrics, mode=ns.progress, interval_s=ns.progress_interval),
+        ):
+            return await run_load(
+                plan,
+                discover_url=t.discover_url,
+                endpoint_id=t.endpoint_id,
+                credential=credential,
+                ca_file=t.ca_file,
+                verify_tls=t.verify_tls(),
+                store=store,
+                lease_s=lease_for(store),
+                metrics=metrics,
+                meetings=meetings,
+                retry=RetryPolicy(shared_throttle=shared_throttle),
+                on_runner=on_runner,
+                check_links=partial(_judge_hosts, ns.guests) if guarded else None,
+                start_at=start_at,
+            )
+    finally:
+        await credential.aclose()
 
 
 def _port(text: str) -> int:
@@ -1152,10 +1159,8 @@ async def _run_one_shard(
 ) -> Any:
     import dataclasses
 
-    from anonjoin._async.retry import RetryPolicy
     from anonjoin._load.metrics import Metrics
-    from anonjoin._load.progress import ProgressDisplay
-    from anonjoin._load.runner import LoadRunner, run_load
+    from anonjoin._load.runner import LoadRunner
     from anonjoin._load.shards import ShardResult
 
     display = ns.display_name or "anonjoin guest {n}"
@@ -1201,26 +1206,9 @@ async def _run_one_shard(
                     flush=True,
                 )
                 metrics = Metrics(guests=plan.shard_guests, seed=ns.seed)
-                credential = t.credential()
-                try:
-                    async with ProgressDisplay(metrics, mode=ns.progress, interval_s=ns.progress_interval):
-                        result = await run_load(
-                            plan,
-                            discover_url=t.discover_url,
-                            endpoint_id=t.endpoint_id,
-                            credential=credential,
-                            ca_file=t.ca_file,
-                            verify_tls=t.verify_tls(),
-                            store=store,
-                            lease_s=lease_for(store),
-                            metrics=metrics,
-                            retry=RetryPolicy(shared_throttle=shared_throttle),
-                            on_runner=on_runner,
-                            check_links=partial(_judge_hosts, ns.guests) if guarded else None,
-                            start_at=ns.start_at_s,
-                        )
-                finally:
-                    await credential.aclose()
+                result = await _run_plan(
+                    ns, t, plan, store, metrics, shared_throttle, guarded, on_runner, start_at=ns.start_at_s
+                )
     finally:
         reinstall()
         await store.aclose()
