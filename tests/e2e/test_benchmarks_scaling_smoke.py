@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.processes import ROOT
+
 TIMEOUT_S = 240  # a bound for a hung run; the tiny run takes well under a minute
 
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.processes import ROOT
+
 TIMEOUT_S = 120  # a bound for a hung run; the smoke run itself takes a few seconds
 
 

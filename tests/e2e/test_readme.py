@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from anonjoin.simulator import Simulator
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from support.processes import README
 
 
 def _embedding_example() -> str:

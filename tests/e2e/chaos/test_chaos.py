@@ -39,7 +39,7 @@ from anonjoin._load.store import MemorySessionStore, NewSession
 from anonjoin.simulator import FaultProfile, Simulator, SimulatorConfig
 from anonjoin.simulator._faults import PROFILES
 
-from ._observe import RunObserver, open_sockets, psat_session_ids, unfinished_tasks
+from support.observe import RunObserver, open_sockets, psat_session_ids, unfinished_tasks
 
 SEED = 20261125
 MEETINGS = 4  # the default meeting (which ends) plus three made through adhocMeetings

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import re
 import sys
 import time
@@ -24,14 +23,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from anonjoin import AuthError, JoinFailed, RequestNotSentError, ServiceError
-from anonjoin._async.auth import ClientSecretCredential
 from anonjoin._async.client import Client
-from anonjoin._async.retry import RejoinPolicy, RetryPolicy
 from anonjoin._async.settings import InsecureTLSWarning, TargetSettings
 from anonjoin._core.events import GuestEvent, Hooks, StepEvent
 from anonjoin._load.report import build_report, write_json, write_text
@@ -39,11 +35,14 @@ from anonjoin._load.report_html import render_html
 from anonjoin._load.runner import LoadPlan, check_against_service, run_load
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator, SimulatorConfig
 
+from support.policies import FAST_REJOIN, FAST_RETRY
+from support.processes import clean_env
+from support.simulator import sim_credential
+
 SECRET = "Tq9~client-secret-for-the-leak-test-4f1d7a"
 WRONG_SECRET = "Wx3~a-wrong-secret-that-must-not-leak-either-88c2"
 CLOCK_JUMP_S = 9 * 3600.0  # past every AAD token (1 h) and psat token (8 h) issued before the jump
-FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
-FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, min_psat_lifetime_s=0.5)
+
 FAULTS = FaultProfile(
     name="secrets",
     rules=(
@@ -159,13 +158,6 @@ async def leak_sim() -> AsyncIterator[tuple[Simulator, list[float]]]:
         yield sim, skew
 
 
-def _credential(sim: Simulator, secret: str = SECRET, **kw: Any) -> ClientSecretCredential:
-    i = sim.info
-    return ClientSecretCredential(
-        authority=i.authority, client_id=i.client_id, client_secret=secret, scope=i.scope, **kw
-    )
-
-
 async def test_a_load_with_faults_writes_no_secret_or_token(
     leak_sim: tuple[Simulator, list[float]], tmp_path: Path
 ) -> None:
@@ -189,7 +181,7 @@ async def test_a_load_with_faults_writes_no_secret_or_token(
         plan = LoadPlan(
             guests=40, meeting_urls=[info.meeting_url], origin=info.origin, concurrency=8, hold_s=1.5
         )
-        credential = _credential(sim, ca_file=info.ca_file)
+        credential = sim_credential(sim, secret=SECRET)
         try:
             result = await run_load(
                 plan,
@@ -250,7 +242,7 @@ async def test_a_load_with_faults_writes_no_secret_or_token(
                 texts["ServiceError"] = describe(not_found.value)
         finally:
             await credential.aclose()
-        wrong = _credential(sim, WRONG_SECRET, ca_file=info.ca_file)
+        wrong = sim_credential(sim, secret=WRONG_SECRET)
         try:
             with pytest.raises(AuthError) as auth:
                 await wrong.token()
@@ -311,10 +303,6 @@ async def test_a_load_with_faults_writes_no_secret_or_token(
 # -- the CLI as a subprocess -----------------------------------------------------------------------
 
 
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith("ANONJOIN_")}
-
-
 async def _anonjoin(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -353,7 +341,7 @@ async def test_the_cli_with_v_prints_no_secret_or_token(
     leak_sim: tuple[Simulator, list[float]], tmp_path: Path
 ) -> None:
     sim, _skew = leak_sim
-    env = _clean_env() | {"ANONJOIN_CLIENT_SECRET": SECRET}
+    env = clean_env() | {"ANONJOIN_CLIENT_SECRET": SECRET}
     load_args = [
         "load", "-v", "--guests", "16", "--concurrency", "8", "--hold", "1", "--store", ":memory:",
         "--report", str(tmp_path / "load.json"), "--html", str(tmp_path / "load.html"), *_target_flags(sim),
@@ -362,9 +350,9 @@ async def test_the_cli_with_v_prints_no_secret_or_token(
     assert code == 0, load_out[-3000:]
     # the secret given as a flag (the worst case: a user who did not read the help) is not echoed either
     join_args = ["join", "-v", "--client-secret", SECRET, "--hold", "0.5", *_target_flags(sim)]
-    code, join_out = await _anonjoin(*join_args, env=_clean_env(), cwd=tmp_path)
+    code, join_out = await _anonjoin(*join_args, env=clean_env(), cwd=tmp_path)
     assert code == 0, join_out[-3000:]
-    code, json_out = await _anonjoin(*join_args, "--json", env=_clean_env(), cwd=tmp_path)
+    code, json_out = await _anonjoin(*join_args, "--json", env=clean_env(), cwd=tmp_path)
     assert code == 0, json_out[-3000:]
     texts = {"load": load_out, "join": join_out, "join --json": json_out}
     texts |= files_in(tmp_path)
@@ -377,9 +365,9 @@ async def test_the_cli_with_v_prints_no_secret_or_token(
 async def test_the_embedded_simulator_run_prints_no_secret_or_token(tmp_path: Path) -> None:
     """``anonjoin load`` with no target: the embedded simulator's secret and tokens stay inside."""
     args = ["load", "-v", "--faults", "chaos", "--guests", "12", "--concurrency", "6", "--hold", "1"]
-    code, out = await _anonjoin(*args, "--store", ":memory:", env=_clean_env(), cwd=tmp_path)
+    code, out = await _anonjoin(*args, "--store", ":memory:", env=clean_env(), cwd=tmp_path)
     assert code == 0, out[-3000:]
-    code, join_out = await _anonjoin("join", "-v", env=_clean_env(), cwd=tmp_path)
+    code, join_out = await _anonjoin("join", "-v", env=clean_env(), cwd=tmp_path)
     assert code == 0, join_out[-3000:]
     texts = {"load": out, "join": join_out} | files_in(tmp_path)
     assert {"anonjoin-report.json", "anonjoin-report.html"} <= set(texts)
@@ -392,14 +380,14 @@ async def test_the_embedded_simulator_run_prints_no_secret_or_token(tmp_path: Pa
 async def test_tls_is_verified_by_default(leak_sim: tuple[Simulator, list[float]]) -> None:
     sim, _skew = leak_sim
     info = sim.info
-    no_ca = _credential(sim)  # no CA file: the simulator's certificate is not trusted
+    no_ca = sim_credential(sim, secret=SECRET, trust_ca=False)  # no CA file: its CA is not trusted
     try:
         with pytest.raises(AuthError) as auth:
             await no_ca.token()
         assert "certificate" in str(auth.value).lower() or "tls" in str(auth.value).lower(), auth.value
     finally:
         await no_ca.aclose()
-    credential = _credential(sim, ca_file=info.ca_file)
+    credential = sim_credential(sim, secret=SECRET)
     try:
         async with Client(
             discover_url=info.discover_url, endpoint_id=info.endpoint_id, credential=credential
@@ -421,7 +409,7 @@ async def test_turning_tls_off_takes_the_explicit_flag_and_warns(
     assert settings.verify_tls() is False
     assert TargetSettings.load(use_env=False, discover_url=info.discover_url).verify_tls() is True
     caplog.set_level(logging.WARNING, logger="anonjoin")
-    credential = _credential(sim, verify_tls=False)
+    credential = sim_credential(sim, secret=SECRET, trust_ca=False, verify_tls=False)
     try:
         async with Client(
             discover_url=info.discover_url,
@@ -439,7 +427,7 @@ async def test_turning_tls_off_takes_the_explicit_flag_and_warns(
         await credential.aclose()
     assert any("anonjoin.tls.insecure" in r.getMessage() for r in caplog.records)
     # `anonjoin load` against a target without its CA: a TLS error, unless --insecure, which warns
-    env = _clean_env() | {"ANONJOIN_CLIENT_SECRET": SECRET}
+    env = clean_env() | {"ANONJOIN_CLIENT_SECRET": SECRET}
     base = ["load", "--guests", "2", "--hold", "0", "--store", ":memory:", "--no-html"]
     code, out = await _anonjoin(
         *base, "--report", str(tmp_path / "a.json"), *_target_flags(sim, ca=False), env=env, cwd=tmp_path

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from anonjoin import AuthError, Client, ClientSecretCredential
+from anonjoin import AuthError, Client
 from anonjoin.simulator import Simulator
 
-
-def _credential(sim: Simulator) -> ClientSecretCredential:
-    i = sim.info
-    return ClientSecretCredential(
-        authority=i.authority, client_id=i.client_id, client_secret=i.client_secret, scope=i.scope,
-        ca_file=i.ca_file,
-    )  # fmt: skip
+from support.simulator import sim_credential
 
 
 async def test_async_with_gives_the_credential_and_closes_it(sim: Simulator) -> None:
-    made = _credential(sim)
+    made = sim_credential(sim)
     async with made as credential:
         assert credential is made
         assert (await credential.token()).value
@@ -28,7 +22,7 @@ async def test_async_with_gives_the_credential_and_closes_it(sim: Simulator) -> 
 async def test_the_readme_embedding_example_joins_and_leaves(sim: Simulator) -> None:
     i = sim.info
     async with (
-        _credential(sim) as credential,
+        sim_credential(sim) as credential,
         Client(
             discover_url=i.discover_url, endpoint_id=i.endpoint_id, credential=credential, ca_file=i.ca_file
         ) as client,

@@ -10,7 +10,6 @@ import itertools
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -32,26 +31,11 @@ from anonjoin import (
 from anonjoin._async.auth import ClientSecretCredential
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 
-FAST_RETRY = RetryPolicy(attempts=4, wait_initial=0.02, wait_max=0.1, jitter=0.02, step_deadline_s=15,
-                         guest_deadline_s=30, request_timeout_s=5)  # fmt: skip
-FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.02, wait_max=0.1, jitter=0.02, expiry_margin_s=1.0,
-                           min_psat_lifetime_s=0.5)  # short-lived psats are these tests' subject  # fmt: skip
+from support.policies import CLIENT_REJOIN, CLIENT_RETRY
+from support.simulator import client_for, live_apps
+from support.tasks import our_tasks
+
 SimFactory = Callable[..., Simulator]
-
-
-@asynccontextmanager
-async def client_for(sim: Simulator, **kw: Any) -> AsyncIterator[Client]:
-    i = sim.info
-    cred = ClientSecretCredential(authority=i.authority, client_id=i.client_id, client_secret=i.client_secret,
-                                  scope=i.scope, ca_file=i.ca_file)  # fmt: skip
-    kw.setdefault("retry", FAST_RETRY)
-    kw.setdefault("rejoin", FAST_REJOIN)
-    kw.setdefault("endpoint_id", i.endpoint_id)
-    try:
-        async with Client(discover_url=i.discover_url, credential=cred, ca_file=i.ca_file, **kw) as client:
-            yield client
-    finally:
-        await cred.aclose()
 
 
 def roster(sim: Simulator, conf: str | None = None) -> list[str]:
@@ -60,16 +44,8 @@ def roster(sim: Simulator, conf: str | None = None) -> list[str]:
     return list(m["roster"])
 
 
-def live_apps(sim: Simulator) -> int:
-    return int(sim.snapshot()["applications"]["live"])
-
-
 def requests(sim: Simulator, route: str) -> dict[str, int]:
     return dict(sim.snapshot()["requests"].get(route, {}))
-
-
-def _our_tasks() -> list[asyncio.Task[object]]:
-    return [t for t in asyncio.all_tasks() if t.get_name().startswith("anonjoin-") and not t.done()]
 
 
 async def _wait_kind(it: AsyncIterator[Any], kind: str, within: float = 10.0) -> list[str]:
@@ -101,7 +77,7 @@ async def test_happy_path(sim: Simulator) -> None:
     }  # fmt: skip
     # leaving with a poll parked: the DELETE releases the poll, and that is not reported as an error
     assert [s for s in steps if s.phase == "end" and s.outcome != "ok"] == []
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -159,11 +135,11 @@ async def test_fault_classes(sim_factory: SimFactory, kind: str, route: str, act
                 sim.set_faults("none")
 
         retry = (
-            FAST_RETRY
+            CLIENT_RETRY
             if kind != "latency"
-            else RetryPolicy(**{**_fields(FAST_RETRY), "request_timeout_s": 0.4})
+            else RetryPolicy(**{**_fields(CLIENT_RETRY), "request_timeout_s": 0.4})
         )
-        rejoin = RejoinPolicy(enabled=False) if action == "final" else FAST_REJOIN
+        rejoin = RejoinPolicy(enabled=False) if action == "final" else CLIENT_REJOIN
         async with client_for(sim, hooks=Hooks(on_step=on_step), retry=retry, rejoin=rejoin) as client:
             g = client.guest(meeting_url=sim.info.meeting_url, origin=sim.info.origin, display_name="Ada")
             if action == "final":
@@ -327,7 +303,7 @@ async def test_cancel_at_each_step_leaves_nothing(sim: Simulator, step: str) -> 
         with pytest.raises(asyncio.CancelledError):
             await holder["t"]
         assert g.state is GuestState.LEFT
-        assert _our_tasks() == []
+        assert our_tasks() == []
         http = client._http
         for s in (http._session,):
             if s is not None:
@@ -361,7 +337,7 @@ async def test_logs_at_debug_hold_no_secret(sim: Simulator, caplog: pytest.LogCa
 
 async def test_many_guests_throttled_respect_retry_after(sim_factory: SimFactory) -> None:
     rule = FaultRule(route="anon_applications", kind="429", rate=0.3, retry_after=0.2)
-    retry = RetryPolicy(**{**_fields(FAST_RETRY), "attempts": 10})  # 0.3 ** 10: never out of attempts
+    retry = RetryPolicy(**{**_fields(CLIENT_RETRY), "attempts": 10})  # 0.3 ** 10: never out of attempts
     async with (
         sim_factory(faults=FaultProfile(rules=(rule,)), seed=7) as sim,
         client_for(sim, retry=retry) as client,
@@ -390,7 +366,7 @@ async def test_tls_is_verified_by_default_and_an_untrusted_certificate_is_final(
                                   scope=i.scope, ca_file=i.ca_file)  # fmt: skip
     try:
         async with Client(discover_url=i.discover_url, endpoint_id=i.endpoint_id, credential=cred,
-                          retry=FAST_RETRY, hooks=Hooks(on_step=steps.append)) as client:  # fmt: skip
+                          retry=CLIENT_RETRY, hooks=Hooks(on_step=steps.append)) as client:  # fmt: skip
             with pytest.raises(RequestNotSentError) as info:
                 await client.join(meeting_url=i.meeting_url, origin=i.origin, display_name="Ada")
         assert "certificate" in str(info.value)

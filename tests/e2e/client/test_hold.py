@@ -7,7 +7,7 @@ import asyncio
 from anonjoin import GuestState, RetryPolicy
 from anonjoin.simulator import Simulator
 
-from .test_e2e import client_for
+from support.simulator import client_for
 
 
 async def test_parked_poll_outlives_the_step_deadline(sim: Simulator) -> None:

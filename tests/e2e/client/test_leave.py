@@ -13,21 +13,22 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from anonjoin import ConfigurationError, GuestState, Hooks, StepEvent
-from anonjoin.simulator import FaultProfile, FaultRule, Simulator
+from anonjoin.simulator import Simulator
 from anonjoin.simulator._tokens import LEEWAY_S
 
-from .test_e2e import FAST_REJOIN, FAST_RETRY, _our_tasks, client_for, live_apps
+from support.policies import CLIENT_REJOIN, CLIENT_RETRY
+from support.simulator import client_for, live_apps, rule, timeline
+from support.tasks import our_tasks
 
 SimFactory = Callable[..., Simulator]
 PSAT_TTL_S = 60.0
 PAST_EXPIRY_S = PSAT_TTL_S + LEEWAY_S + 5.0
 # No rejoin in the middle of a test: the psat timer is far away, and a rejoin after a failure waits long.
-SLOW_REJOIN = dataclasses.replace(FAST_REJOIN, wait_initial=30.0, wait_max=30.0)
+SLOW_REJOIN = dataclasses.replace(CLIENT_REJOIN, wait_initial=30.0, wait_max=30.0)
 
 
 class SimClock:
@@ -62,10 +63,6 @@ class Steps:
         return event
 
 
-def timeline(sim: Simulator, asi: str) -> list[tuple[str, int]]:
-    return [(e["route"], e["status"]) for e in sim.snapshot()["guests"][asi]]
-
-
 def after_join(sim: Simulator, asi: str) -> list[tuple[str, int]]:
     """The guest's requests after its (first) invitation was accepted, polls left out."""
     t = timeline(sim, asi)
@@ -84,10 +81,6 @@ async def wait(event: asyncio.Event, what: str, within: float = 10.0) -> None:
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
-def rule(route: str, kind: str, **kw: Any) -> FaultProfile:
-    return FaultProfile(rules=(FaultRule(route=route, kind=kind, rate=1.0, **kw),))
-
-
 async def test_delete_with_an_expired_psat_mints_a_fresh_one_and_deletes(sim_factory: SimFactory) -> None:
     """guest-0024: the DELETE got 401 (psat expired) and the client gave up. Now a 401 on the DELETE gets a
     new psat for the same applicationSessionId and the DELETE again, through 503s with Retry-After."""
@@ -102,7 +95,11 @@ async def test_delete_with_an_expired_psat_mints_a_fresh_one_and_deletes(sim_fac
         sim.set_faults(rule("delete_application", "503", retry_after=0.05))
 
         def faults_off(ev: StepEvent) -> None:  # more 503s than RetryPolicy.attempts, then none
-            if ev.step == "delete_application" and ev.status == 503 and ev.attempt == FAST_RETRY.attempts + 1:
+            if (
+                ev.step == "delete_application"
+                and ev.status == 503
+                and ev.attempt == CLIENT_RETRY.attempts + 1
+            ):
                 sim.set_faults("none")
 
         steps.on_end = faults_off
@@ -110,7 +107,7 @@ async def test_delete_with_an_expired_psat_mints_a_fresh_one_and_deletes(sim_fac
         await g.leave()
         assert g.state is GuestState.LEFT
         assert after_join(sim, asi) == [
-            *[("delete_application", 503)] * (FAST_RETRY.attempts + 1),
+            *[("delete_application", 503)] * (CLIENT_RETRY.attempts + 1),
             ("delete_application", 401),
             ("anon_tokens", 200),
             ("delete_application", 204),
@@ -121,7 +118,7 @@ async def test_delete_with_an_expired_psat_mints_a_fresh_one_and_deletes(sim_fac
         for a, b in itertools.pairwise(hits):  # never before the Retry-After it was given
             if a["retry_after"]:
                 assert b["t"] - a["t"] >= a["retry_after"] - 0.01
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 async def test_leave_while_a_rejoin_creates_deletes_the_new_application(sim_factory: SimFactory) -> None:
@@ -140,7 +137,7 @@ async def test_leave_while_a_rejoin_creates_deletes_the_new_application(sim_fact
         assert created(sim, asi) == 2
         assert live_apps(sim) == 0
         assert sim.snapshot()["requests"]["delete_application"] == {"204": 1}
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 async def test_leave_after_a_maybe_sent_create_evicts_and_deletes(sim_factory: SimFactory) -> None:
@@ -166,7 +163,7 @@ async def test_leave_after_a_maybe_sent_create_evicts_and_deletes(sim_factory: S
         assert created(sim, asi) == 2
         assert live_apps(sim) == 0
         assert sim.snapshot()["requests"]["delete_application"] == {"204": 1}
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 async def test_meeting_ends_during_a_rejoin_the_old_application_is_deleted(sim_factory: SimFactory) -> None:
@@ -185,7 +182,7 @@ async def test_meeting_ends_during_a_rejoin_the_old_application_is_deleted(sim_f
         assert (out.kind, out.reason) == ("ended", "Ended")
         assert after_join(sim, asi)[-2:] == [("anon_tokens", 404), ("delete_application", 204)]
         assert live_apps(sim) == 0
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 async def test_meeting_ended_and_psat_expired_deletes_with_a_psat_without_meeting(
@@ -209,7 +206,7 @@ async def test_meeting_ended_and_psat_expired_deletes_with_a_psat_without_meetin
             ("delete_application", 204),
         ]
         assert live_apps(sim) == 0
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 async def test_leave_during_the_cleanup_of_an_ended_guest_lets_it_finish(sim_factory: SimFactory) -> None:
@@ -235,7 +232,7 @@ async def test_leave_during_the_cleanup_of_an_ended_guest_lets_it_finish(sim_fac
         assert (out.kind, out.reason) == ("ended", "Ended")
         assert [s for r, s in after_join(sim, asi) if r == "delete_application"] == [503, 503, 204]
         assert live_apps(sim) == 0
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 async def test_leave_has_one_budget_which_a_cancel_does_not_renew(sim_factory: SimFactory) -> None:
@@ -244,7 +241,7 @@ async def test_leave_has_one_budget_which_a_cancel_does_not_renew(sim_factory: S
     deadline of the first instead of getting a new one. The application stays live (given up) and the guest
     is closed."""
     budget = 2.0
-    retry = dataclasses.replace(FAST_RETRY, leave_deadline_s=budget)
+    retry = dataclasses.replace(CLIENT_RETRY, leave_deadline_s=budget)
     steps = Steps()
     async with sim_factory() as sim, client_for(sim, retry=retry, hooks=Hooks(on_step=steps)) as client:
         g = await client.join(meeting_url=sim.info.meeting_url, origin=sim.info.origin, display_name="Ada")
@@ -263,9 +260,9 @@ async def test_leave_has_one_budget_which_a_cancel_does_not_renew(sim_factory: S
         # one budget (plus a request in flight at its end); a renewed one would run to about 1.5 s + 2 s
         assert took < budget + 0.8, took
         assert live_apps(sim) == 1
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 def test_leave_deadline_must_be_positive() -> None:
     with pytest.raises(ConfigurationError, match="leave_deadline_s"):
-        dataclasses.replace(FAST_RETRY, leave_deadline_s=0)
+        dataclasses.replace(CLIENT_RETRY, leave_deadline_s=0)

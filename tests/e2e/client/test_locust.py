@@ -7,19 +7,16 @@ says whether every guest joined and left.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from anonjoin.simulator import Simulator, SimulatorConfig
+from support.simulator import ThreadedSim
 
 USERS = 20
 LOCUSTFILE = """
@@ -31,43 +28,16 @@ class Guest(AnonJoinUser):
 """
 
 
-class _ThreadedSim:
-    """A simulator on its own event loop in a thread (the Locust subprocess is its only client)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
-        self.thread.start()
-        self.sim = Simulator(SimulatorConfig(seed=5))
-        self.info = self._call(self.sim.start())
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
-
-    def snapshot(self) -> dict[str, Any]:
-        async def snap() -> dict[str, Any]:
-            return self.sim.snapshot()
-
-        result: dict[str, Any] = self._call(snap())
-        return result
-
-    def close(self) -> None:
-        self._call(self.sim.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
-
-
 @pytest.fixture
-def threaded_sim() -> Iterator[_ThreadedSim]:
-    sim = _ThreadedSim()
+def threaded_sim() -> Iterator[ThreadedSim]:
+    sim = ThreadedSim(seed=5)
     try:
         yield sim
     finally:
         sim.close()
 
 
-def test_locust_users_join_hold_and_leave(tmp_path: Path, threaded_sim: _ThreadedSim) -> None:
+def test_locust_users_join_hold_and_leave(tmp_path: Path, threaded_sim: ThreadedSim) -> None:
     i = threaded_sim.info
     (tmp_path / "locustfile.py").write_text(LOCUSTFILE, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANONJOIN_")}

@@ -1,6 +1,6 @@
 """Issue 11, the client side: a hostile or broken server never makes the client leak a token or spin.
 
-One test per class of misbehaviour, against :mod:`tests.hostile._hostile` on real loopback sockets. Each
+One test per class of misbehaviour, against :mod:`support.hostile` on real loopback sockets. Each
 ends in bounded time with a typed error (or, for idle polls, a bounded number of requests), asserted on
 request counts and on an injected clock, never on wall time.
 """
@@ -26,7 +26,7 @@ from anonjoin._async.retry import Attempt
 from anonjoin._core import constants as C
 from anonjoin.simulator import Simulator
 
-from ._hostile import CA_FILE, Credential, Hostile, Misbehaviour, hostile, iso
+from support.hostile import CA_FILE, Credential, Hostile, Misbehaviour, hostile, iso
 
 MEETING = "https://meet.contoso.com/org/HOSTILE1"
 ORIGIN = "https://app.contoso.com"

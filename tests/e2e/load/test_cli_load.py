@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,53 +16,13 @@ import pytest
 
 from anonjoin._cli import main
 from anonjoin._exceptions import ConfigurationError
-from anonjoin.simulator import Simulator, SimulatorConfig
+from anonjoin.simulator import Simulator
+
+from support.simulator import ThreadedSim, threaded_sim
+
+__all__ = ["threaded_sim"]  # a fixture, used by name
 
 pytestmark = pytest.mark.usefixtures("no_target_env")
-
-
-class ThreadedSim:
-    """A simulator on its own event loop in a thread, so the CLI can ``asyncio.run`` in this one."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="sim-loop", daemon=True)
-        self.thread.start()
-        self.sim = Simulator(SimulatorConfig(seed=2))
-        self.info = self._call(self.sim.start())
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
-
-    def snapshot(self) -> dict[str, Any]:
-        async def snap() -> dict[str, Any]:
-            return self.sim.snapshot()
-
-        result: dict[str, Any] = self._call(snap())
-        return result
-
-    def flags(self) -> list[str]:
-        i = self.info
-        return [
-            "--discover-url", i.discover_url, "--authority", i.authority, "--client-id", i.client_id,
-            "--client-secret", i.client_secret, "--endpoint-id", i.endpoint_id,
-            "--meeting-url", i.meeting_url, "--origin", i.origin, "--ca-file", i.ca_file, "--scope", i.scope,
-        ]  # fmt: skip
-
-    def close(self) -> None:
-        self._call(self.sim.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
-
-
-@pytest.fixture
-def threaded_sim() -> Iterator[ThreadedSim]:
-    sim = ThreadedSim()
-    try:
-        yield sim
-    finally:
-        sim.close()
 
 
 def test_load_against_the_embedded_simulator_writes_both_reports(

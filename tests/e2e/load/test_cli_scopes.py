@@ -14,7 +14,7 @@ import pytest
 
 from anonjoin._cli import main
 
-from .test_cli_load import ThreadedSim
+from support.simulator import ThreadedSim
 
 pytestmark = pytest.mark.usefixtures("no_target_env")
 

@@ -26,7 +26,7 @@ import pytest
 from anonjoin._cli import build_parser, main
 from anonjoin._exceptions import ConfigurationError
 
-from .test_cli_load import ThreadedSim, threaded_sim
+from support.simulator import ThreadedSim, threaded_sim
 
 __all__ = ["threaded_sim"]  # a fixture, used by name
 pytestmark = pytest.mark.usefixtures("no_target_env")  # no ANONJOIN_* target; cwd is tmp_path

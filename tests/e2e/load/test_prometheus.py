@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import sys
@@ -33,6 +32,8 @@ from anonjoin._cli import main
 from anonjoin._load.prometheus import BUCKETS_S
 from anonjoin._load.report import build_report
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
+
+from support.processes import clean_env
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -268,10 +269,6 @@ async def test_a_port_in_use_is_a_configuration_error() -> None:
 # ---- anonjoin load --metrics-port ---------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith("ANONJOIN_")}
-
-
 @pytest.mark.usefixtures("no_target_env")
 async def test_load_serves_metrics_during_the_run_and_they_match_the_report(tmp_path: Path) -> None:
     guests = 20
@@ -279,7 +276,7 @@ async def test_load_serves_metrics_during_the_run_and_they_match_the_report(tmp_
         sys.executable, "-m", "anonjoin", "load", "--guests", str(guests), "--concurrency", str(guests),
         "--hold", "60", "--progress", "plain", "--progress-interval", "0.1", "--store", ":memory:",
         "--no-html", "--metrics-port", "0",
-        cwd=tmp_path, env=_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path, env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None
     seen: list[str] = []

@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 
 from anonjoin import StoreError
-from anonjoin._async.auth import ClientSecretCredential
 from anonjoin._async.client import Client
-from anonjoin._async.retry import RejoinPolicy, RetryPolicy
 from anonjoin._core.events import GuestEvent, Hooks
 from anonjoin._load.metrics import Metrics
 from anonjoin._load.report import build_report
@@ -20,8 +18,8 @@ from anonjoin._load.runner import ConstantRate, LoadPlan, LoadResult, LoadRunner
 from anonjoin._load.store import MemorySessionStore, Outcome, SqliteSessionStore
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator, SimulatorConfig
 
-FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
-FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, min_psat_lifetime_s=0.5)
+from support.policies import FAST_REJOIN, FAST_RETRY
+from support.simulator import sim_credential
 
 # The chaos profile's per-request rules with its schedule compressed to a few seconds.
 CHAOS_RULES = (
@@ -45,20 +43,9 @@ QUICK_CHAOS = FaultProfile(  # also used by test_cli_load
 )
 
 
-def _credential(sim: Simulator) -> ClientSecretCredential:
-    info = sim.info
-    return ClientSecretCredential(
-        authority=info.authority,
-        client_id=info.client_id,
-        client_secret=info.client_secret,
-        scope=info.scope,
-        ca_file=info.ca_file,
-    )
-
-
 async def _load(sim: Simulator, plan: LoadPlan, **kw: Any) -> LoadResult:
     info = sim.info
-    credential = _credential(sim)
+    credential = sim_credential(sim)
     try:
         return await run_load(
             plan,
@@ -172,7 +159,7 @@ async def test_cancel_mid_run_accounts_for_everyone(sim: Simulator) -> None:
         hold_s=60,
     )
     metrics = Metrics(guests=plan.guests)
-    credential = _credential(sim)
+    credential = sim_credential(sim)
     async with Client(
         discover_url=sim.info.discover_url,
         endpoint_id=sim.info.endpoint_id,

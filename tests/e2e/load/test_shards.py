@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from anonjoin import ConfigurationError
 from anonjoin._async.auth import ClientSecretCredential
-from anonjoin._async.retry import RejoinPolicy, RetryPolicy
 from anonjoin._load.metrics import LatencyHistogram, Metrics
 from anonjoin._load.report import GuestRecord, build_report
 from anonjoin._load.runner import (
@@ -31,8 +30,7 @@ from anonjoin._load.runner import (
 from anonjoin._load.shards import ShardResult, merge_results
 from anonjoin.simulator import Simulator
 
-FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
-FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, min_psat_lifetime_s=0.5)
+from support.policies import FAST_REJOIN, FAST_RETRY
 
 schedules = st.one_of(
     st.none(),

@@ -5,7 +5,6 @@ come back), and the flags' one-line errors."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray_cluster import RayCluster, require_ray, two_node_cluster
 
 from anonjoin._cli import main
+
+from support.processes import clean_env
+from support.ray_cluster import RayCluster, require_ray, two_node_cluster
 
 require_ray()
 
@@ -28,10 +29,6 @@ def ray_cluster() -> Iterator[RayCluster]:
     yield from two_node_cluster()
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("ANONJOIN_")}
-
-
 def test_200_guests_through_ray_against_the_embedded_simulator(
     ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
@@ -39,7 +36,7 @@ def test_200_guests_through_ray_against_the_embedded_simulator(
         [sys.executable, "-m", "anonjoin", "load", "--ray", ray_cluster.address, "--guests", "200",
          "--concurrency", "20", "--hold", "0.2", "--progress", "plain", "--progress-interval", "0.5",
          "--store", str(tmp_path / "s.db")],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=110,
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=110,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "anonjoin-report.json").read_text())
@@ -61,7 +58,7 @@ def test_ctrl_c_mid_run_cancels_every_actor_and_merges_both_results(
         [sys.executable, "-m", "anonjoin", "load", "--ray", ray_cluster.address, "--guests", "200",
          "--rate", "40", "--concurrency", "10", "--hold", "60", "--progress", "plain",
          "--progress-interval", "0.2", "--store", ":memory:"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
     seen: list[str] = []

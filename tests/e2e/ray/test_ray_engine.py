@@ -11,10 +11,8 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from ray_cluster import RayCluster, require_ray, two_node_cluster
 
 from anonjoin import AnonJoinError, ConfigurationError
-from anonjoin._async.retry import RejoinPolicy, RetryPolicy
 from anonjoin._cli.common import simulator_settings
 from anonjoin._load.metrics import Progress as Snapshot
 from anonjoin._load.ray import RayEngine
@@ -23,10 +21,10 @@ from anonjoin._load.sharded import ShardProgress, run_sharded
 from anonjoin._load.store import MemorySessionStore
 from anonjoin.simulator import Simulator
 
-require_ray()
+from support.policies import FAST_REJOIN, FAST_RETRY
+from support.ray_cluster import RayCluster, require_ray, two_node_cluster
 
-FAST_RETRY = RetryPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, retry_after_cap_s=0.05)
-FAST_REJOIN = RejoinPolicy(wait_initial=0.01, wait_max=0.05, jitter=0.01, min_psat_lifetime_s=0.5)
+require_ray()
 
 
 @pytest.fixture(scope="module")

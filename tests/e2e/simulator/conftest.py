@@ -11,7 +11,7 @@ import pytest
 
 from anonjoin.simulator import Simulator
 
-from ._walk import Walk, ssl_context
+from support.walk import Walk, ssl_context
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ import requests
 from anonjoin.simulator import Simulator, SimulatorInfo
 from anonjoin.simulator._config import DOCS_AUDIENCE, SDK_AUDIENCE
 
-from ._walk import Walk
+from support.walk import Walk
 
 
 def _session(info: SimulatorInfo) -> requests.Session:

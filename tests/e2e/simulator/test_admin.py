@@ -12,7 +12,7 @@ import pytest
 
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator
 
-from ._walk import Walk
+from support.walk import Walk
 
 
 async def test_state_snapshot_over_http_equals_the_in_process_one(sim: Simulator, walk: Walk) -> None:

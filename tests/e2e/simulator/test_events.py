@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 from anonjoin.simulator import FaultProfile, Simulator
 from anonjoin.simulator._events import Batch, Closed, Event, EventChannel, Priority, Resync
 
-from ._walk import Walk
+from support.walk import Walk
 
 FAST = 0.001  # event_time_scale: the 180 s minimum timeout becomes 0.18 s
 

@@ -32,7 +32,7 @@ from anonjoin.simulator._faults import (
     FaultRule,
 )
 
-from ._walk import Walk
+from support.walk import Walk
 
 PROTOCOL_ROUTES = sorted(ROUTE_GROUPS["@protocol"])
 NOW = 1_800_000_000.25  # an injected wall clock, mid-second

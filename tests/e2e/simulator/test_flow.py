@@ -10,17 +10,7 @@ import jwt
 
 from anonjoin.simulator import Simulator, SimulatorConfig
 
-from ._walk import Walk, kinds
-
-JOIN_EVENTS = [
-    ("onlineMeetingInvitation", "started"),
-    ("conversation", "added"),
-    ("localParticipant", "added"),
-    ("participant", "added"),
-    ("onlineMeeting", "added"),
-    ("conversation", "updated"),
-    ("onlineMeetingInvitation", "completed"),
-]
+from support.walk import JOIN_EVENTS, Walk, kinds
 
 
 async def test_whole_flow_then_rejoin_with_the_same_session_id(sim: Simulator, walk: Walk) -> None:

@@ -14,7 +14,7 @@ import pytest
 from anonjoin.simulator import FaultProfile, FaultRule, Simulator, _app, _cli
 from anonjoin.simulator._app import ROUTES, Route, first_match
 
-from ._walk import Walk
+from support.walk import Walk
 
 PATHS = (
     "/contoso.com/v2.0/.well-known/openid-configuration",

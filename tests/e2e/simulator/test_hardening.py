@@ -28,7 +28,7 @@ from yarl import URL
 from anonjoin.simulator import Simulator
 from anonjoin.simulator._tokens import SigningKey, aad_key, psat_key, unverified_claims
 
-from ._walk import Guest, Reply, Walk
+from support.walk import Guest, Reply, Walk
 
 JSON = dict[str, Any]
 

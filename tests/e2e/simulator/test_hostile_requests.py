@@ -15,7 +15,7 @@ import pytest
 from anonjoin.simulator import Simulator
 from anonjoin.simulator import _core as core_module
 
-from ._walk import Walk, ssl_context
+from support.walk import Walk, ssl_context
 
 ROUNDS = 250
 """Rounds of the mix below: 8 hostile requests each, 2,000 in all."""

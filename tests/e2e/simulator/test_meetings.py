@@ -7,7 +7,7 @@ from typing import Any
 
 from anonjoin.simulator import FaultProfile, Simulator
 
-from ._walk import Walk, kinds
+from support.walk import Walk, kinds
 
 LEAVE = [("conversation", "updated"), ("localParticipant", "deleted"), ("conversation", "deleted")]
 

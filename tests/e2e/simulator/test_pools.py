@@ -23,8 +23,7 @@ import pytest
 from anonjoin.simulator import FaultProfile, FaultRule, SimulatorProcess
 from anonjoin.simulator._pools import merge_snapshots, pool_seed
 
-from ._walk import Walk, kinds, ssl_context
-from .test_flow import JOIN_EVENTS
+from support.walk import JOIN_EVENTS, Walk, kinds, ssl_context
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfds")
 

@@ -10,7 +10,7 @@ import jwt
 from anonjoin.simulator import Simulator
 from anonjoin.simulator._tokens import aad_key
 
-from ._walk import Walk
+from support.walk import Walk
 
 
 def _apps_url(sim: Simulator) -> str:

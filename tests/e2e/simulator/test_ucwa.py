@@ -11,7 +11,7 @@ import jwt
 from anonjoin.simulator import Simulator
 from anonjoin.simulator._tokens import psat_key
 
-from ._walk import Walk
+from support.walk import Walk
 
 
 async def test_discover_checks_the_origin_and_accepts_authorization(sim: Simulator, walk: Walk) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from anonjoin.simulator import Simulator
 
-from ._walk import Walk
+from support.walk import Walk
 
 VARIANTS: list[dict[str, Any]] = [
     {"rel_prefix": "ms:rtc:saas:"},

@@ -9,7 +9,7 @@ import pytest
 from anonjoin.simulator import Simulator
 from anonjoin.simulator._wire import CODES
 
-from ._walk import Walk
+from support.walk import Walk
 
 
 def test_status_codes_follow_the_protocol_table() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ._redis import RedisServer, start_redis
+from support.redis_server import RedisServer, start_redis
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.processes import ROOT
 
 
 def test_the_store_benchmark_runs(redis_server: object) -> None:  # the fixture skips/fails like the others

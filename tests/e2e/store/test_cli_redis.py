@@ -18,7 +18,7 @@ from anonjoin._cli import main
 from anonjoin._load.store_redis import RedisSessionStore
 from anonjoin.simulator import Simulator
 
-from ._redis import RedisServer, _free_port, start_redis
+from support.redis_server import RedisServer, _free_port, start_redis
 
 SECRET = "s3cret-pw-" + uuid.uuid4().hex[:6]
 

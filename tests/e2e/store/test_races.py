@@ -11,7 +11,7 @@ from anonjoin import LeaseHeld
 from anonjoin._load.store import SqliteSessionStore
 from anonjoin._load.store_redis import RedisSessionStore
 
-from ._redis import RedisServer
+from support.redis_server import RedisServer
 
 N = 8
 MEETING = "https://meet.example.test/org/ABC123"

@@ -13,7 +13,7 @@ from anonjoin import StoreError
 from anonjoin._load.store import NewSession, Outcome
 from anonjoin._load.store_redis import RedisSessionStore, safe_store_url
 
-from ._redis import RedisServer, _free_port, start_redis
+from support.redis_server import RedisServer, _free_port, start_redis
 
 MEETING = "https://meet.example.test/org/ABC123"
 

@@ -16,7 +16,7 @@ from anonjoin._load.runner import LoadPlan, LoadResult, LoadRunner, run_load
 from anonjoin._load.store_redis import RedisSessionStore
 from anonjoin.simulator import Simulator, SimulatorConfig
 
-from ._redis import RedisServer
+from support.redis_server import RedisServer
 
 WAIT_S = 30.0
 

@@ -26,7 +26,7 @@ from anonjoin._load.store import (
 )
 from anonjoin._load.store_redis import RedisSessionStore
 
-from ._redis import RedisServer
+from support.redis_server import RedisServer
 
 Scoped = MemorySessionStore | SqliteSessionStore | RedisSessionStore
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from anonjoin import AnonJoinError, GuestState, JoinFailed, ProtocolError
 
-from ._fake import ORIGIN, Canned, FakeService, completed, ev, fake_client
+from support.fake import ORIGIN, Canned, FakeService, completed, ev, fake_client
 
 MEETING = "https://meet.contoso.com/org/ABC123"
 HUGE = 2 * 1024 * 1024

@@ -8,17 +8,14 @@ import pytest
 
 from anonjoin import GuestState, JoinFailed
 
-from ._fake import ORIGIN, FakeService, fake_client
+from support.fake import ORIGIN, FakeService, fake_client
+from support.tasks import our_tasks
 
 MEETING = "https://meet.contoso.com/org/ABC123"
 STEPS = [
     "discover", "applications", "capabilities", "anon_tokens", "anon_discover", "anon_applications",
     "invitations", "events",
 ]  # fmt: skip
-
-
-def _our_tasks() -> list[asyncio.Task[object]]:
-    return [t for t in asyncio.all_tasks() if t.get_name().startswith("anonjoin-") and not t.done()]
 
 
 def _acquired(client: object) -> int:
@@ -52,7 +49,7 @@ async def test_cancel_at_each_step(step: str, how: str) -> None:
             with pytest.raises(JoinFailed):
                 await task
         assert g.state is GuestState.LEFT
-        assert _our_tasks() == []
+        assert our_tasks() == []
         assert _acquired(client) == 0
         assert fake.live_apps() == []  # checked before the blocked handler is released
         created = fake.count("anon_applications") and fake.apps
@@ -61,7 +58,7 @@ async def test_cancel_at_each_step(step: str, how: str) -> None:
         assert bool(created) == (step in ("anon_applications", "invitations", "events"))
         out = await g.wait_closed()
         assert out.kind == "left"
-    assert _our_tasks() == []
+    assert our_tasks() == []
 
 
 async def test_cancel_while_joined_and_client_close() -> None:
@@ -71,4 +68,4 @@ async def test_cancel_while_joined_and_client_close() -> None:
         assert len(fake.live_apps()) == 3
     assert fake.live_apps() == []
     assert all(g.state is GuestState.LEFT for g in gs)
-    assert _our_tasks() == []
+    assert our_tasks() == []

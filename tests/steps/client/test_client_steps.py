@@ -23,7 +23,8 @@ from anonjoin import (
     StepEvent,
 )
 
-from ._fake import CONF, FAST_RETRY, ORIGIN, Canned, FakeService, RecordingClock, fake_client
+from support.fake import CONF, ORIGIN, Canned, FakeService, RecordingClock, fake_client
+from support.policies import STEP_RETRY
 
 MEETING = "https://meet.contoso.com/org/ABC123"
 
@@ -86,7 +87,7 @@ async def test_retry_after_http_date_and_cap() -> None:
     fake = FakeService()
     clock = RecordingClock()
     fake.script("invitations", Canned(503, None, {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}))
-    policy = dataclasses.replace(FAST_RETRY, retry_after_cap_s=1.5)
+    policy = dataclasses.replace(STEP_RETRY, retry_after_cap_s=1.5)
     async with fake_client(fake, clock=clock, retry=policy) as (client, _):
         await client.join(meeting_url=MEETING, origin=ORIGIN, display_name="Ada")
     assert max(clock.sleeps) == pytest.approx(client.retry.retry_after_cap_s)
@@ -148,7 +149,7 @@ async def test_missing_capability_is_final_before_sending() -> None:
 
 
 async def test_sa_401_and_invalid_token_refresh_once() -> None:
-    from ._fake import FakeCredential
+    from support.fake import FakeCredential
 
     fake = FakeService()
     cred = FakeCredential()
@@ -346,7 +347,7 @@ async def test_create_meeting_and_mint_grant_hide_secrets() -> None:
 
 
 async def test_no_secret_in_debug_logs(caplog: pytest.LogCaptureFixture) -> None:
-    from ._fake import AAD_TOKEN
+    from support.fake import AAD_TOKEN
 
     fake = FakeService()
     fake.script("invitations", Canned(503, {"code": "ServiceUnavailable", "message": "token=abc"}))
@@ -422,11 +423,11 @@ async def test_inactive_application_expired_recreates() -> None:
 
 
 async def test_invitation_that_never_completes_hits_the_guest_deadline() -> None:
-    from ._fake import ev
+    from support.fake import ev
 
     fake = FakeService()
     fake.join_events = lambda app: [ev("onlineMeetingInvitation", "started")]
-    policy = dataclasses.replace(FAST_RETRY, guest_deadline_s=0.5)
+    policy = dataclasses.replace(STEP_RETRY, guest_deadline_s=0.5)
     async with fake_client(fake, retry=policy) as (client, _):
         with pytest.raises(JoinFailed) as info:
             await client.join(meeting_url=MEETING, origin=ORIGIN, display_name="Ada")

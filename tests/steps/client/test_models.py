@@ -25,7 +25,7 @@ from anonjoin._core.models import (
     resolve,
 )
 
-from ._fake import CONF, make_psat
+from support.fake import CONF, make_psat
 
 BASE = URL("https://ring.example.com/platformService/v1/applications")
 

@@ -213,3 +213,15 @@ class Guest:
 
 def kinds(events: list[JSON]) -> list[tuple[str, str]]:
     return [(e["link"]["rel"], e["type"]) for e in events]
+
+
+# The events a guest's join brings, in order (protocol.md §1).
+JOIN_EVENTS = [
+    ("onlineMeetingInvitation", "started"),
+    ("conversation", "added"),
+    ("localParticipant", "added"),
+    ("participant", "added"),
+    ("onlineMeeting", "added"),
+    ("conversation", "updated"),
+    ("onlineMeetingInvitation", "completed"),
+]

@@ -24,10 +24,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from anonjoin import RejoinPolicy, RetryPolicy
 from anonjoin._async.client import Client
 from anonjoin._async.retry import Clock
 from anonjoin.simulator._tls import ca_pem, server_ssl_context
+
+from .policies import STEP_REJOIN, STEP_RETRY
 
 CLOSE = "CLOSE"
 ENDPOINT = "sip:app@contoso.com"
@@ -403,12 +404,6 @@ class RecordingClock(Clock):
         self.sleep = sleep
 
 
-FAST_RETRY = RetryPolicy(attempts=4, wait_initial=0.01, wait_max=0.05, jitter=0.0, step_deadline_s=10,
-                         guest_deadline_s=20, request_timeout_s=5)  # fmt: skip
-FAST_REJOIN = RejoinPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, jitter=0.0, expiry_margin_s=1.0,
-                           min_psat_lifetime_s=0.5)  # short-lived psats are these tests' subject  # fmt: skip
-
-
 _CA_DIR = tempfile.TemporaryDirectory(prefix="anonjoin-fake-ca-")
 CA_FILE = os.path.join(_CA_DIR.name, "ca.pem")
 with open(CA_FILE, "wb") as _f:
@@ -422,8 +417,8 @@ async def fake_client(fake: FakeService, **kw: Any) -> AsyncIterator[tuple[Clien
     await server.start_server(ssl=server_ssl_context())
     fake.base = str(server.make_url("")).rstrip("/")
     kw.setdefault("ca_file", CA_FILE)
-    kw.setdefault("retry", FAST_RETRY)
-    kw.setdefault("rejoin", FAST_REJOIN)
+    kw.setdefault("retry", STEP_RETRY)
+    kw.setdefault("rejoin", STEP_REJOIN)
     kw.setdefault("clock", RecordingClock())
     client = Client(
         discover_url=f"{fake.base}/platformservice/discover",
