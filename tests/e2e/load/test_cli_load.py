@@ -18,6 +18,7 @@ from anonjoin._cli import main
 from anonjoin._exceptions import ConfigurationError
 from anonjoin.simulator import Simulator
 
+from support.faults import QUICK_CHAOS
 from support.simulator import ThreadedSim, threaded_sim
 
 __all__ = ["threaded_sim"]  # a fixture, used by name
@@ -177,8 +178,6 @@ def test_ctrl_c_mid_run_writes_the_report(tmp_path: Path) -> None:
 def test_load_with_a_fault_file_accounts_for_every_guest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from .test_runner import QUICK_CHAOS
-
     faults = tmp_path / "faults.json"
     faults.write_text(QUICK_CHAOS.model_dump_json())
     code = main(

@@ -16,31 +16,13 @@ from anonjoin._load.metrics import Metrics
 from anonjoin._load.report import build_report
 from anonjoin._load.runner import ConstantRate, LoadPlan, LoadResult, LoadRunner, pool_size, run_load
 from anonjoin._load.store import MemorySessionStore, Outcome, SqliteSessionStore
-from anonjoin.simulator import FaultProfile, FaultRule, Simulator, SimulatorConfig
+from anonjoin.simulator import Simulator, SimulatorConfig
 
+from support.faults import QUICK_CHAOS
 from support.policies import FAST_REJOIN, FAST_RETRY
 from support.simulator import sim_credential
 
 # The chaos profile's per-request rules with its schedule compressed to a few seconds.
-CHAOS_RULES = (
-    FaultRule(route="@protocol", kind="429", rate=0.05, retry_after=1.0),
-    FaultRule(route="@protocol", kind="503", rate=0.04, retry_after=1.0),
-    FaultRule(route="@protocol", kind="500", rate=0.03),
-    FaultRule(route="@protocol", kind="504", rate=0.02),
-    FaultRule(route="@protocol", kind="close", rate=0.02),
-    FaultRule(route="@protocol", kind="latency", rate=0.02, latency_s=0.05),
-    FaultRule(route="@sa", kind="invalid_token", rate=0.02, burst=2),
-)
-QUICK_CHAOS = FaultProfile(  # also used by test_cli_load
-    name="quick-chaos",
-    rules=CHAOS_RULES,
-    psat_ttl_s=3.0,
-    drop_rate=0.15,
-    drop_after_s=(0.2, 1.0),
-    eject_rate=0.05,
-    eject_after_s=(0.2, 1.0),
-    end_meeting_after_s=1.5,
-)
 
 
 async def _load(sim: Simulator, plan: LoadPlan, **kw: Any) -> LoadResult:
