@@ -100,7 +100,7 @@ def _module_file(name: str) -> Path | None:
 
 def _closure(start: set[str]) -> dict[str, set[str]]:
     """Every anonjoin module reachable from ``start`` by static imports, and what each imports. The package
-    root is not followed: it imports its public names lazily (tests/test_startup.py checks that)."""
+    root is not followed: it imports its public names lazily (tests/e2e/test_startup.py checks that)."""
     seen: dict[str, set[str]] = {}
     todo = list(start)
     while todo:

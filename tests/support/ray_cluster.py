@@ -5,7 +5,8 @@ Head and one worker node, one CPU each, on loopback. Without Ray installed a mod
 :func:`require_ray` skips, except in CI (``CI`` set), where ``.ci/run`` installs the extra and its absence
 is a failure.
 
-(No ``__init__.py`` and no ``conftest.py`` here: a package ``tests/ray`` would shadow Ray itself.)
+(``tests/e2e/ray`` has no ``__init__.py`` and no ``conftest.py``: a package ``ray`` there would shadow
+Ray itself.)
 """
 
 from __future__ import annotations

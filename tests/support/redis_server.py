@@ -35,7 +35,7 @@ class RedisServer:
             self.proc.wait(timeout=START_TIMEOUT_S)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -47,7 +47,7 @@ def start_redis(tmp: Path, *extra: str, port: int | None = None) -> RedisServer:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
         pytest.skip("redis-server is not installed (apt-get install redis-server); CI does not skip")
-    port = port or _free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             exe,

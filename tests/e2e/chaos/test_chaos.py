@@ -7,7 +7,7 @@ believes; the client's hooks only supply attempt numbers and client-side instant
 CI size: ``CI_GUESTS`` guests with the chaos schedule compressed ``CI_SCALE`` times (psat lifetime, drop and
 ejection times, the default meeting's end, the hold). Full size, skipped by default (about 3 minutes)::
 
-    ANONJOIN_CHAOS_FULL=1 /work/venv/bin/python -m pytest tests/chaos -k full -s
+    ANONJOIN_CHAOS_FULL=1 /work/venv/bin/python -m pytest tests/e2e/chaos -k full -s
 
 runs 2,000 guests against the chaos profile as it is (psat 20 s, 60 s hold, the default meeting ending at
 30 s) and prints the figures (guests, faults injected by kind, outcomes, reasons, retries, leaks).

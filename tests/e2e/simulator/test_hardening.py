@@ -1,6 +1,6 @@
 """Bad input to the simulator (issue 6 §3): the right 4xx for each, nothing accepted, never a 500.
 
-Everything goes over real loopback TLS through the raw walker (``_walk.py``). Tokens are forged with the
+Everything goes over real loopback TLS through the raw walker (``support.walk``). Tokens are forged with the
 simulator's own signing keys (``_tokens.aad_key`` / ``psat_key``) where a case needs a *validly signed*
 token with a bad claim, and with foreign keys or no signature otherwise. Hypothesis runs derandomized
 with no example database, so every run sends the same requests.

@@ -18,7 +18,7 @@ from anonjoin._cli import main
 from anonjoin._load.store_redis import RedisSessionStore
 from anonjoin.simulator import Simulator
 
-from support.redis_server import RedisServer, _free_port, start_redis
+from support.redis_server import RedisServer, free_port, start_redis
 
 SECRET = "s3cret-pw-" + uuid.uuid4().hex[:6]
 
@@ -67,7 +67,7 @@ def test_load_with_a_password_in_the_url_never_shows_it(
 
 
 def test_redis_down_at_start_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     assert main(["load", "--guests", "2", "--progress", "off", "--store", url]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err

@@ -13,7 +13,7 @@ from anonjoin import StoreError
 from anonjoin._load.store import NewSession, Outcome
 from anonjoin._load.store_redis import RedisSessionStore, safe_store_url
 
-from support.redis_server import RedisServer, _free_port, start_redis
+from support.redis_server import RedisServer, free_port, start_redis
 
 MEETING = "https://meet.example.test/org/ABC123"
 
@@ -100,7 +100,7 @@ async def test_writes_to_a_dead_redis_are_bounded_and_counted(own_redis: RedisSe
 
 
 async def test_clear_errors_and_no_credentials_anywhere() -> None:
-    url = f"redis://user:hunter2@127.0.0.1:{_free_port()}/0"
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
     store = RedisSessionStore(url)
     assert "hunter2" not in repr(store) and "user" not in repr(store)
     with pytest.raises(StoreError) as info:
