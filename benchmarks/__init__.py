@@ -8,7 +8,7 @@ Run from the repository root (the package is not installed with anonjoin)::
     python -m benchmarks --only overhead --profile aj.pstats  # also profile one extra anonjoin run
 
 Locust (the peer) is optional: ``pip install 'anonjoin[bench]'``; without it that row is skipped with a
-note. Nothing here is a timed test: ``tests/test_benchmarks_smoke.py`` runs the code at tiny sizes
+note. Nothing here is a timed test: ``tests/e2e/test_benchmarks_smoke.py`` runs the code at tiny sizes
 (``--smoke``) so it cannot rot.
 
 Modules:
