@@ -585,60 +585,42 @@ async def _load(
     if guarded:  # the hosts requests go to, not the meeting URL's (no request goes there)
         _judge_hosts(ns.guests, (settings.discover_url, settings.authority))
     store = await open_store_ready(ns.store)
-    loop = asyncio.get_running_loop()
-    state: dict[str, Any] = {"runner": None, "signals": len(signals)}
+    runners: list[LoadRunner] = []
 
-    def on_signal(signame: str) -> None:
-        state["signals"] += 1
-        signals.append(signame)
-        runner: LoadRunner | None = state["runner"]
-        if state["signals"] == 1:
-            print(
-                f"\nanonjoin load: {signame}: stopping: no more arrivals, joined guests are leaving; "
-                "the report will be written",
-                file=sys.stderr,
-                flush=True,
-            )
-        else:
-            print("anonjoin load: still stopping (leaving is bounded)", file=sys.stderr, flush=True)
-        if runner is not None:
+    def stop() -> None:
+        for runner in runners:
             runner.cancel()
 
-    installed: list[signal.Signals] = []
-    for sig in STOP_SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-            installed.append(sig)
-
     def on_runner(runner: LoadRunner) -> None:
-        state["runner"] = runner
-        if state["signals"]:
+        runners.append(runner)
+        if signals:
             runner.cancel()
 
     try:
-        async with _target(ns, settings) as target:
-            t = target.settings
-            assert t.discover_url and t.endpoint_id and t.meeting_url and t.origin
-            store, run_id = _scoped(store, t, ns.run_id)
-            plan, meetings, shared_throttle, run_settings = _run_inputs(ns, target, schedule, display, run_id)
-            print(
-                f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
-                f"over {meetings} meeting(s) of {target.label}; run id {run_id} (--run-id to resume it)",
-                file=sys.stderr,
-                flush=True,
-            )
-            metrics = Metrics(guests=ns.guests, seed=ns.seed)
-            result = await _run_plan(
-                ns, t, plan, store, metrics, shared_throttle, guarded, on_runner, meetings=meetings
-            )
-            service_check = (
-                check_against_service(result.guests, await target.snapshot())
-                if target.snapshot is not None
-                else None
-            )
+        with _stops_on_signals(signals, stop):
+            async with _target(ns, settings) as target:
+                t = target.settings
+                assert t.discover_url and t.endpoint_id and t.meeting_url and t.origin
+                store, run_id = _scoped(store, t, ns.run_id)
+                plan, meetings, shared_throttle, run_settings = _run_inputs(
+                    ns, target, schedule, display, run_id
+                )
+                print(
+                    f"anonjoin load: {plural(ns.guests, 'guest')}, {ns.concurrency} in flight at most, "
+                    f"over {meetings} meeting(s) of {target.label}; run id {run_id} (--run-id to resume it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                metrics = Metrics(guests=ns.guests, seed=ns.seed)
+                result = await _run_plan(
+                    ns, t, plan, store, metrics, shared_throttle, guarded, on_runner, meetings=meetings
+                )
+                service_check = (
+                    check_against_service(result.guests, await target.snapshot())
+                    if target.snapshot is not None
+                    else None
+                )
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         reinstall()
         await store.aclose()
 
@@ -647,7 +629,7 @@ async def _load(
         result.guests,
         run_settings,
         started_at=result.started_at,
-        interrupted=result.interrupted or bool(state["signals"]),
+        interrupted=result.interrupted or bool(signals),
         fail_if=condition,
         warnings=result.warnings,
         service_check=service_check,
